@@ -59,7 +59,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{source}: '{key}' must have {len(args)} items, got {value!r}")
-            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args, strict=True)))
         item = args[0] if args else Any
         out = [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out

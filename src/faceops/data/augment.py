@@ -1,0 +1,87 @@
+"""Face augmentations applied to a whole batch at once (vectorised torch ops, seeded).
+
+Geometric and colour changes use the same parameters for every view of a sample, so a VLR input
+and its HR target stay aligned (the DSR recipe); noise goes to the network input only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from faceops.config import check
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    flip_p: float = 0.5  # horizontal flip probability
+    rotate_p: float = 0.65  # probability of a rotation (DSR recipe 0.65)
+    rotate_deg: float = 6.0  # max |angle| (seed 000: 10 for recognizers, 003: 6 for DSR)
+    translate: float = 0.05  # max shift as a fraction of the size (seed 000: 0.05)
+    jitter_p: float = 0.3  # colour-jitter probability (DSR recipe 0.3)
+    brightness: float = 0.07  # factor drawn from [1-b, 1+b] (DSR recipe 0.93-1.07)
+    contrast: float = 0.07
+    saturation: float = 0.04
+    noise_std: float = 0.01  # Gaussian noise on the [-1,1] input (seed 000: 0.005 on [0,1])
+
+    def __post_init__(self) -> None:
+        for name in ("flip_p", "rotate_p", "jitter_p"):
+            v = getattr(self, name)
+            check(0.0 <= v <= 1.0, f"augment.{name} must be a probability in [0, 1], got {v}")
+        check(0 <= self.rotate_deg <= 45, f"augment.rotate_deg must be within 0..45, got {self.rotate_deg}")
+        check(0 <= self.translate <= 0.3, f"augment.translate must be within 0..0.3, got {self.translate}")
+
+
+class Augment:
+    def __init__(self, cfg: AugmentConfig):
+        self.cfg = cfg
+
+    def __call__(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        if not cfg.enabled:
+            return batch
+        views = [k for k in ("hr", "vlr") if k in batch]
+        n = batch[views[0]].shape[0]
+
+        def u(lo: float, hi: float) -> torch.Tensor:
+            return torch.rand(n, generator=gen) * (hi - lo) + lo
+
+        flip = torch.rand(n, generator=gen) < cfg.flip_p
+        rot = torch.rand(n, generator=gen) < cfg.rotate_p
+        angle = u(-cfg.rotate_deg, cfg.rotate_deg) * rot * math.pi / 180
+        shift = torch.stack([u(-cfg.translate, cfg.translate), u(-cfg.translate, cfg.translate)], 1) * 2
+        jit = (torch.rand(n, generator=gen) < cfg.jitter_p).float()
+        bright = 1 + u(-cfg.brightness, cfg.brightness) * jit
+        contr = 1 + u(-cfg.contrast, cfg.contrast) * jit
+        sat = 1 + u(-cfg.saturation, cfg.saturation) * jit
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        sx = torch.where(flip, -1.0, 1.0)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = cos * sx, -sin, shift[:, 0]
+        theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sin * sx, cos, shift[:, 1]
+        noisy = "vlr" if "vlr" in batch else "hr"
+        out = dict(batch)
+        for k in views:
+            x = batch[k]
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            x = self._colour(x, bright, contr, sat)
+            if k == noisy and cfg.noise_std > 0:
+                x = x + torch.randn(x.shape, generator=gen) * cfg.noise_std
+            out[k] = x.clamp_(-1, 1)
+        return out
+
+    @staticmethod
+    def _colour(x: torch.Tensor, bright: torch.Tensor, contr: torch.Tensor,
+                sat: torch.Tensor) -> torch.Tensor:
+        v = (x + 1) * 0.5  # work in [0, 1]
+        v = v * bright.view(-1, 1, 1, 1)
+        grey = (0.299 * v[:, 0] + 0.587 * v[:, 1] + 0.114 * v[:, 2]).unsqueeze(1)
+        mean = grey.mean(dim=(2, 3), keepdim=True)
+        v = (v - mean) * contr.view(-1, 1, 1, 1) + mean
+        v = (v - grey) * sat.view(-1, 1, 1, 1) + grey
+        return v * 2 - 1

@@ -1,0 +1,172 @@
+"""Training-time reader: a dataset's split as in-memory uint8 arrays, served as whole batches.
+
+Batches are formed by fancy-indexing the arrays and augmented as a batch (see
+:mod:`faceops.data.augment`), so no per-image decoding or Python loop sits on the hot path. The
+order and the augmentation of batch ``b`` of epoch ``e`` depend only on (seed, e, b): resuming
+mid-epoch, or changing the number of workers, gives the same batches.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from faceops.data.augment import Augment, AugmentConfig
+from faceops.data.manifest import DatasetError, load_manifest
+from faceops.data.tensors import to_input
+from faceops.storage import LocalStore, ObjectStore, open_store
+
+
+@dataclass
+class SplitData:
+    hr: np.ndarray  # uint8 [N, H, W, 3]
+    vlr: dict[str, np.ndarray]  # "WxH" -> uint8 [N, h, w, 3]
+    labels: np.ndarray  # int64 [N], contiguous 0..C-1 within the split
+    identities: list[str]  # name of each label
+    image_ids: list[str]
+    pairs: list[tuple[int, int, bool]] = field(default_factory=list)  # val/test/pairs verification
+    folds: list[int] | None = None  # fold of each pair (imported LFW pairs)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.identities)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FACEOPS_CACHE", Path.home() / ".cache" / "faceops"))
+
+
+def _read_array(store: ObjectStore, key: str, sha256: str) -> np.ndarray:
+    """Checksum-verified read; remote shards go through a content-addressed local cache."""
+    if isinstance(store, LocalStore):
+        return np.load(io.BytesIO(store.get_bytes(key, sha256=sha256)), allow_pickle=False)
+    cached = cache_dir() / "shards" / f"{sha256}.npy"
+    if not cached.is_file():
+        store.get_file(key, cached, sha256=sha256)
+    from faceops.storage import sha256_file
+
+    if sha256_file(cached) != sha256:  # a corrupted cache entry is re-fetched, never trusted
+        cached.unlink()
+        store.get_file(key, cached, sha256=sha256)
+    return np.load(cached, allow_pickle=False)
+
+
+def load_split(dataset_uri: str, split: str, views: list[str] | None = None) -> SplitData:
+    """Arrays of one split (``train``/``val``/``test``/``pairs``); ``views`` default to all."""
+    manifest = load_manifest(dataset_uri)
+    if split not in manifest["shards"]:
+        raise DatasetError(f"{dataset_uri} has no split {split!r} (has: {', '.join(manifest['shards'])})")
+    store = open_store(dataset_uri)
+    wanted = views or manifest["views"]
+    unknown = sorted(set(wanted) - set(manifest["views"]))
+    if unknown:
+        raise DatasetError(f"{dataset_uri} has no view(s) {unknown} (has: {', '.join(manifest['views'])})")
+    arrays: dict[str, list[np.ndarray]] = {v: [] for v in wanted}
+    for shard in manifest["shards"][split]:
+        for view in wanted:
+            f = shard["files"][view]
+            arrays[view].append(_read_array(store, f["key"], f["sha256"]))
+    hr_shape = (0, manifest["hr_size"], manifest["hr_size"], 3)
+    stacked = {v: np.concatenate(a) if a else np.zeros(hr_shape, np.uint8) for v, a in arrays.items()}
+    images = sorted((im for im in manifest["images"] if im["split"] == split), key=lambda im: im["index"])
+    names = sorted({im["identity"] for im in images})
+    ids = {n: i for i, n in enumerate(names)}
+    labels = np.array([ids[im["identity"]] for im in images], dtype=np.int64)
+    pairs = [tuple(p) for p in manifest["pairs"].get(split, [])]
+    folds = None
+    if split == "pairs" and "pairs_import" in manifest:
+        folds = manifest["pairs_import"]["folds"]
+    return SplitData(hr=stacked.get("hr", np.zeros(hr_shape, np.uint8)),
+                     vlr={v[4:]: a for v, a in stacked.items() if v.startswith("vlr_")},
+                     labels=labels, identities=names, image_ids=[im["id"] for im in images],
+                     pairs=[(int(a), int(b), bool(s)) for a, b, s in pairs], folds=folds)
+
+
+def epoch_order(labels: np.ndarray, seed: int, epoch: int, balanced: bool) -> np.ndarray:
+    """Sample order of one epoch: a permutation, or identity-balanced sampling with replacement
+    (each identity equally likely, so identities with many images do not dominate)."""
+    rng = np.random.default_rng([seed, epoch])
+    n = len(labels)
+    if not balanced:
+        return rng.permutation(n)
+    counts = np.bincount(labels)
+    weights = 1.0 / counts[labels]
+    return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 64
+    workers: int = 0  # DataLoader worker processes (0 = in the training process)
+    balanced: bool = True  # identity-balanced sampling (seed recipe)
+    drop_last: bool = True
+    vlr_view: str | None = None  # also deliver this VLR view ("32x32") with each batch
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+class BatchDataset(Dataset):
+    """Item ``b`` is batch ``b`` of the current epoch: {'hr', 'label'[, 'vlr']} tensors.
+
+    ``rank``/``world_size`` shard every batch for DDP: each rank gets its slice of the same global
+    batch, so N processes see exactly the batches one process would.
+    """
+
+    def __init__(self, data: SplitData, cfg: LoaderConfig, seed: int, train: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        if cfg.vlr_view and cfg.vlr_view not in data.vlr:
+            raise DatasetError(f"VLR view {cfg.vlr_view!r} not in the dataset (has: {', '.join(data.vlr)})")
+        if len(data) == 0:
+            raise DatasetError("the split is empty: nothing to train on")
+        self.data, self.cfg, self.seed, self.train = data, cfg, seed, train
+        self.rank, self.world_size = rank, world_size
+        self.augment = Augment(cfg.augment) if train else None
+        self.epoch = 0
+        self._order = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._order = None
+
+    @property
+    def order(self) -> np.ndarray:
+        if self._order is None:
+            if self.train:
+                self._order = epoch_order(self.data.labels, self.seed, self.epoch, self.cfg.balanced)
+            else:
+                self._order = np.arange(len(self.data))
+        return self._order
+
+    def __len__(self) -> int:
+        n, b = len(self.data), self.cfg.batch_size
+        if self.train and self.cfg.drop_last and n >= b:
+            return n // b
+        return (n + b - 1) // b
+
+    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
+        idx = self.order[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size]
+        if self.world_size > 1:
+            idx = np.array_split(idx, self.world_size)[self.rank]
+        idx = np.sort(idx) if not self.train else idx
+        out = {"hr": to_input(self.data.hr[idx]), "label": torch.from_numpy(self.data.labels[idx])}
+        if self.cfg.vlr_view:
+            out["vlr"] = to_input(self.data.vlr[self.cfg.vlr_view][idx])
+        if self.augment is not None:
+            state = np.random.SeedSequence([self.seed, self.epoch, b]).generate_state(1)[0]
+            out = self.augment(out, torch.Generator().manual_seed(int(state)))
+        return out
+
+
+def make_loader(ds: BatchDataset, start_batch: int = 0) -> DataLoader:
+    """A DataLoader over whole batches from ``start_batch`` (resume mid-epoch)."""
+    return DataLoader(ds, batch_size=None, sampler=range(start_batch, len(ds)),
+                      num_workers=ds.cfg.workers, persistent_workers=False,
+                      pin_memory=torch.cuda.is_available())
