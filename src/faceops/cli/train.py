@@ -1,0 +1,51 @@
+"""``faceops train recognizer|dsr|finetune``: one command group, one engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from faceops import config
+from faceops.cli._common import add_config_args
+
+TASKS = {
+    "recognizer": ("faceops.train.recognizer", "RecognizerTrainConfig", "train_recognizer", "recognizer",
+                   "ArcFace/CosFace training of a backbone (EdgeFace family, ResNet-34)"),
+    "dsr": ("faceops.train.dsr", "DSRTrainConfig", "train_dsr", "dsr",
+            "DSR super-resolution VLR->HR with identity losses from a frozen recognizer"),
+    "finetune": ("faceops.train.finetune", "FinetuneConfig", "finetune_edgeface", "finetune",
+                 "two-stage fine-tuning of the recognizer on DSR outputs"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a recognizer, a DSR model or fine-tune on DSR outputs",
+                       description="Every task runs on the same engine: NaN guard, AMP (CUDA), checkpoints "
+                       "with exact --resume, early stopping, progress, Prometheus metrics, DDP via torchrun.")
+    tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    for name, (_, _, _, section, help_) in TASKS.items():
+        t = tasks.add_parser(name, help=help_, description=f"{help_}. Config section: '{section}:'.")
+        add_config_args(t)
+        t.add_argument("--data", metavar="URI", help="dataset URI (<store>/datasets/<name>)")
+        t.add_argument("--out", metavar="URI", help="run output URI: checkpoints last.pt / best.pt")
+        t.add_argument("--resume", action="store_true", help="continue from <out>/last.pt exactly")
+        t.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import importlib
+
+    module_name, cfg_name, fn_name, section, _ = TASKS[args.task]
+    module = importlib.import_module(module_name)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data={args.data}")
+    if args.out:
+        overrides.append(f"out={args.out}")
+    cfg = config.load(getattr(module, cfg_name), args.config, overrides, section=section)
+    result = getattr(module, fn_name)(cfg, resume=args.resume)
+    print(json.dumps({"checkpoint": result.checkpoint, "best_checkpoint": result.best_checkpoint,
+                      "steps": result.steps, "epochs": result.epochs, "best": result.best,
+                      "nan_events": result.nan_events, "rollbacks": result.rollbacks,
+                      "stopped_early": result.stopped_early}, indent=1))
+    return 0

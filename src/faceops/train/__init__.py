@@ -1,0 +1,1 @@
+"""One training engine (:mod:`faceops.train.engine`) and the tasks that run on it."""

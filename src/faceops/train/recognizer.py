@@ -1,0 +1,175 @@
+"""Recognizer training task: a backbone + margin head (ArcFace/CosFace) on a dataset's train split,
+validated by verification on the val split's pairs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from faceops.config import check, to_dict
+from faceops.data.augment import AugmentConfig
+from faceops.data.manifest import load_manifest
+from faceops.data.reader import BatchDataset, LoaderConfig, SplitData, load_split
+from faceops.data.tensors import to_input
+from faceops.errors import FaceopsError
+from faceops.evaluate.verification import verification_metrics
+from faceops.models import MarginHeadConfig, RecognizerConfig, create_margin_head, create_recognizer
+from faceops.models.pretrained import load_pretrained
+from faceops.train.engine import Engine, EngineConfig, FitResult, mean_inter_identity_cosine
+
+log = logging.getLogger(__name__)
+
+
+def _recognizer_augment() -> AugmentConfig:
+    # seed 000: flip, rotation 10 deg, translate 0.05, colour jitter, light noise
+    return AugmentConfig(rotate_p=0.5, rotate_deg=10.0, jitter_p=0.8, brightness=0.2, contrast=0.2,
+                         saturation=0.2, noise_std=0.01)
+
+
+@dataclass
+class RecognizerTrainConfig:
+    data: str | None = None  # dataset URI (<store>/datasets/<name>); --data overrides
+    out: str | None = None  # run output URI (checkpoints); --out overrides
+    model: RecognizerConfig = field(default_factory=RecognizerConfig)
+    margin: MarginHeadConfig = field(default_factory=MarginHeadConfig)
+    loader: LoaderConfig = field(default_factory=lambda: LoaderConfig(augment=_recognizer_augment()))
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    label_smoothing: float = 0.1  # seed 000
+    pretrained: str | None = None  # user's EdgeFace/ArcFace weights (state_dict or TorchScript)
+    pretrained_init_missing: bool = False  # initialise (and list) keys missing from `pretrained`
+    init_from: str | None = None  # a faceops checkpoint to start from (e.g. the ResNet-34 fine-tune step)
+    val_split: str = "val"
+    eval_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.label_smoothing < 1.0, "recognizer.label_smoothing must be in [0, 1)")
+
+
+@torch.no_grad()
+def embed_arrays(model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device,
+                 input_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Embeddings of uint8 NHWC images (``input_fn`` maps the network input first, e.g. DSR)."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_input(images[i:i + batch_size]).to(device)
+        if input_fn is not None:
+            x = input_fn(x)
+        out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 1)
+
+
+def validate_embeddings(emb: torch.Tensor, data: SplitData) -> dict[str, float]:
+    """Verification on the split's pairs and the embedding-collapse figure."""
+    figures = {"mean_cosine": mean_inter_identity_cosine(emb, torch.from_numpy(data.labels))}
+    if data.pairs:
+        a = torch.tensor([p[0] for p in data.pairs])
+        b = torch.tensor([p[1] for p in data.pairs])
+        scores = (F.normalize(emb[a], dim=1) * F.normalize(emb[b], dim=1)).sum(1).numpy()
+        genuine = np.array([p[2] for p in data.pairs])
+        v = verification_metrics(scores, genuine, n_folds=min(10, max(2, len(scores) // 20)))
+        figures.update(val_accuracy=v["accuracy"], val_eer=v["eer"], val_auc=v["auc"])
+    return figures
+
+
+class RecognizerTask:
+    stage = "train_recognizer"
+    kind = "recognizer"
+
+    def __init__(self, cfg: RecognizerTrainConfig, train: SplitData, val: SplitData | None,
+                 device: torch.device, input_view: str = "hr",
+                 input_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.cfg, self.val, self.device = cfg, val, device
+        self.input_view, self.input_fn = input_view, input_fn
+        self.model = create_recognizer(cfg.model)
+        self.model_name = cfg.model.name
+        self.head = create_margin_head(cfg.margin, cfg.model.embedding_dim, train.num_classes)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.wrapped: dict[str, nn.Module] = {"model": self.model, "head": self.head}
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, "head": self.head}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = self.model.param_groups()
+        return {"backbone": groups["backbone"], "head": groups["head"] + list(self.head.parameters())}
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        x = batch["hr"] if self.input_view == "hr" else batch["vlr"]
+        if self.input_fn is not None:
+            x = self.input_fn(x)
+        emb = self.wrapped["model"](x)
+        logits, labels = self.wrapped["head"](emb, batch["label"])
+        loss = self.criterion(logits, labels)
+        acc = (logits.detach().argmax(1) == labels).float().mean().item()
+        return loss, {"acc": acc}
+
+    def validate(self) -> dict[str, float]:
+        if self.val is None or len(self.val) == 0:
+            return {}
+        images = self.val.hr if self.input_view == "hr" else self.val.vlr[self.input_view]
+        emb = embed_arrays(self.model, images, self.cfg.eval_batch_size, self.device, self.input_fn)
+        return validate_embeddings(emb, self.val)
+
+    def checkpoint_meta(self) -> dict:
+        return {"model_config": to_dict(self.cfg.model), "num_classes": self.head.num_classes,
+                "input_view": self.input_view}
+
+
+def run_id_for(out: str) -> str:
+    return os.environ.get("FACEOPS_RUN_ID") or out.rstrip("/").rsplit("/", 1)[-1]
+
+
+def prepare_start(model: nn.Module, cfg: RecognizerTrainConfig) -> None:
+    """Start from a user's pretrained file or a faceops checkpoint, when configured."""
+    if cfg.pretrained:
+        report = load_pretrained(model, cfg.pretrained, strict=not cfg.pretrained_init_missing,
+                                 init_missing=cfg.pretrained_init_missing)
+        log.info("pretrained weights from %s: %s", cfg.pretrained, report)
+    if cfg.init_from:
+        from faceops.train.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(cfg.init_from)
+        if ckpt["kind"] != "recognizer":
+            raise FaceopsError(f"init_from {cfg.init_from} is a {ckpt['kind']} checkpoint, not a recognizer")
+        model.load_state_dict(ckpt.get("ema") or ckpt["model"])
+
+
+def train_recognizer(cfg: RecognizerTrainConfig, resume: bool = False) -> FitResult:
+    """Train a recognizer on ``cfg.data``; checkpoints go to ``cfg.out``."""
+    if not cfg.data or not cfg.out:
+        raise FaceopsError("recognizer training needs a dataset (--data or recognizer.data) and an output "
+                           "URI (--out or recognizer.out)")
+    manifest = load_manifest(cfg.data)
+    train = load_split(cfg.data, "train", views=["hr"])
+    val = load_split(cfg.data, cfg.val_split, views=["hr"]) if cfg.val_split in manifest["shards"] else None
+    log.info("training %s on %d images of %d identities (%s)", cfg.model.name, len(train), train.num_classes,
+             cfg.data)
+    engine_cfg = cfg.engine
+    from faceops.train.engine import resolve_device
+
+    device = resolve_device(engine_cfg.device)
+    task = RecognizerTask(cfg, train, val, device)
+    prepare_start(task.model, cfg)
+    return fit_task(task, train, cfg.loader, engine_cfg, cfg.out, to_dict(cfg), manifest["content_hash"],
+                    resume)
+
+
+def fit_task(task, train: SplitData, loader: LoaderConfig, engine_cfg: EngineConfig, out: str,
+             run_config: dict, dataset_hash: str, resume: bool, on_epoch_start=None) -> FitResult:
+    """Shared by every task: dataset over the train split, the engine, the fit."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    train_set = BatchDataset(train, loader, seed=engine_cfg.seed, train=True, rank=rank, world_size=world)
+    engine = Engine(task, train_set, engine_cfg, out, run_id=run_id_for(out),
+                    run_config=run_config, model_name=getattr(task, "model_name", ""),
+                    dataset_hash=dataset_hash, on_epoch_start=on_epoch_start)
+    if hasattr(task, "wrapped"):
+        task.wrapped = engine.wrapped
+    return engine.fit(resume=resume)
