@@ -1,0 +1,20 @@
+"""KFP v2 components, one per stage: thin typed wrappers that call :mod:`faceops.stages`.
+
+Each component runs the same function as the CLI and the tests; artifacts carry the store URI of
+what a stage produced in ``metadata['uri']``. Images come from :func:`faceops.images.image`.
+"""
+
+from faceops.components.stages import (
+    deploy,
+    evaluate,
+    evaluate_vlr,
+    export,
+    export_vlr,
+    finetune_edgeface,
+    ingest,
+    train_dsr,
+    train_recognizer,
+)
+
+__all__ = ["deploy", "evaluate", "evaluate_vlr", "export", "export_vlr", "finetune_edgeface", "ingest",
+           "train_dsr", "train_recognizer"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from faceops import config
 from faceops.cli._common import add_config_args
+from faceops.storage import split_uri
 
 TASKS = {
     "recognizer": ("faceops.train.recognizer", "RecognizerTrainConfig", "train_recognizer", "recognizer",
@@ -44,8 +46,13 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"out={args.out}")
     cfg = config.load(getattr(module, cfg_name), args.config, overrides, section=section)
     result = getattr(module, fn_name)(cfg, resume=args.resume)
-    print(json.dumps({"checkpoint": result.checkpoint, "best_checkpoint": result.best_checkpoint,
-                      "steps": result.steps, "epochs": result.epochs, "best": result.best,
-                      "nan_events": result.nan_events, "rollbacks": result.rollbacks,
-                      "stopped_early": result.stopped_early}, indent=1))
+    summary = {"task": args.task, "model": result.best_checkpoint or result.checkpoint,
+               "checkpoint": result.checkpoint, "best_checkpoint": result.best_checkpoint,
+               "steps": result.steps, "epochs": result.epochs, "best": result.best,
+               "history": result.history, "nan_events": result.nan_events, "rollbacks": result.rollbacks,
+               "stopped_early": result.stopped_early, "vlr_size": getattr(cfg, "vlr_size", None)}
+    if int(os.environ.get("RANK", "0")) == 0:  # the run's summary, read by pipeline stages
+        store, key = split_uri(f"{cfg.out.rstrip('/')}/result.json")
+        store.put_bytes(key, json.dumps(summary, indent=1).encode())
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     return 0

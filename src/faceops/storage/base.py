@@ -112,13 +112,13 @@ class ObjectStore(ABC):
         tmp = dest.with_name(f".{dest.name}.part")
         h = hashlib.sha256()
         stream, recorded = self.open_read(key)
-        with stream, open(tmp, "wb") as out:
-            for chunk in iter(lambda: stream.read(CHUNK), b""):
-                h.update(chunk)
-                out.write(chunk)
         try:
+            with stream, open(tmp, "wb") as out:
+                for chunk in iter(lambda: stream.read(CHUNK), b""):
+                    h.update(chunk)
+                    out.write(chunk)
             self._verify(key, h.hexdigest(), sha256 or recorded)
-        except IntegrityError:
+        except BaseException:  # never leave a partial download behind
             tmp.unlink(missing_ok=True)
             raise
         tmp.replace(dest)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -22,7 +22,15 @@ from faceops.errors import FaceopsError
 from faceops.evaluate.verification import verification_metrics
 from faceops.models import MarginHeadConfig, RecognizerConfig, create_margin_head, create_recognizer
 from faceops.models.pretrained import load_pretrained
-from faceops.train.engine import Engine, EngineConfig, FitResult, mean_inter_identity_cosine
+from faceops.train.engine import (
+    Engine,
+    EngineConfig,
+    FitResult,
+    OptimConfig,
+    ScheduleConfig,
+    mean_inter_identity_cosine,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +39,16 @@ def _recognizer_augment() -> AugmentConfig:
     # seed 000: flip, rotation 10 deg, translate 0.05, colour jitter, light noise
     return AugmentConfig(rotate_p=0.5, rotate_deg=10.0, jitter_p=0.8, brightness=0.2, contrast=0.2,
                          saturation=0.2, noise_std=0.01)
+
+
+@dataclass
+class PhaseConfig:
+    """A follow-up phase continuing from the previous phase's best weights (seed 002: lower-LR
+    fine-tuning from the checkpoint) with a fresh optimiser and schedule."""
+
+    epochs: int = 10
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
 @dataclass
@@ -47,6 +65,7 @@ class RecognizerTrainConfig:
     init_from: str | None = None  # a faceops checkpoint to start from (e.g. the ResNet-34 fine-tune step)
     val_split: str = "val"
     eval_batch_size: int = 128
+    phases: list[PhaseConfig] = field(default_factory=list)  # run after the main phase, in order
 
     def __post_init__(self) -> None:
         check(0.0 <= self.label_smoothing < 1.0, "recognizer.label_smoothing must be in [0, 1)")
@@ -129,9 +148,8 @@ def run_id_for(out: str) -> str:
 def prepare_start(model: nn.Module, cfg: RecognizerTrainConfig) -> None:
     """Start from a user's pretrained file or a faceops checkpoint, when configured."""
     if cfg.pretrained:
-        report = load_pretrained(model, cfg.pretrained, strict=not cfg.pretrained_init_missing,
-                                 init_missing=cfg.pretrained_init_missing)
-        log.info("pretrained weights from %s: %s", cfg.pretrained, report)
+        report = load_pretrained(model, cfg.pretrained, strict=True, init_missing=cfg.pretrained_init_missing)
+        log.info("pretrained weights from %s: %s", cfg.pretrained, report.summary())
     if cfg.init_from:
         from faceops.train.checkpoint import load_checkpoint
 
@@ -151,14 +169,22 @@ def train_recognizer(cfg: RecognizerTrainConfig, resume: bool = False) -> FitRes
     val = load_split(cfg.data, cfg.val_split, views=["hr"]) if cfg.val_split in manifest["shards"] else None
     log.info("training %s on %d images of %d identities (%s)", cfg.model.name, len(train), train.num_classes,
              cfg.data)
-    engine_cfg = cfg.engine
-    from faceops.train.engine import resolve_device
-
-    device = resolve_device(engine_cfg.device)
+    device = resolve_device(cfg.engine.device)
     task = RecognizerTask(cfg, train, val, device)
     prepare_start(task.model, cfg)
-    return fit_task(task, train, cfg.loader, engine_cfg, cfg.out, to_dict(cfg), manifest["content_hash"],
-                    resume)
+    result = fit_task(task, train, cfg.loader, cfg.engine, cfg.out, to_dict(cfg), manifest["content_hash"],
+                      resume)
+    for i, phase in enumerate(cfg.phases, start=1):
+        log.info("phase %d/%d: %d epochs, %s lr %g, from %s", i, len(cfg.phases), phase.epochs,
+                 phase.optim.name, phase.optim.lr, result.best_checkpoint or result.checkpoint)
+        phase_cfg = replace(cfg, init_from=result.best_checkpoint or result.checkpoint, pretrained=None,
+                            engine=replace(cfg.engine, epochs=phase.epochs, optim=phase.optim,
+                                           schedule=phase.schedule), phases=[])
+        task = RecognizerTask(phase_cfg, train, val, device)
+        prepare_start(task.model, phase_cfg)
+        result = fit_task(task, train, cfg.loader, phase_cfg.engine, f"{cfg.out.rstrip('/')}/phase{i}",
+                          to_dict(phase_cfg), manifest["content_hash"], resume)
+    return result
 
 
 def fit_task(task, train: SplitData, loader: LoaderConfig, engine_cfg: EngineConfig, out: str,

@@ -1,0 +1,235 @@
+"""The components. Imports live inside the functions: KFP ships each function's source to its pod.
+
+``run_root`` is the store URI of this run (``<store>/runs/<run_id>``); each step writes below it.
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+from faceops.images import image
+
+TRAINER = image("trainer")  # GPU work: training, evaluation, export
+SLIM = image("slim")  # light steps
+
+
+@dsl.component(base_image=SLIM)
+def ingest(
+    source: str,
+    name: str,
+    store_uri: str,
+    config_yaml: str,
+    pairs_file: str,
+    log_dir: str,
+    dataset: Output[Dataset],
+):
+    """Folder / s3:// prefix / synth:// -> checksummed dataset in the store."""
+    import json
+
+    from faceops.stages import ingest_stage
+
+    r = ingest_stage(source, name, store_uri, config_yaml, pairs_file, log_dir)
+    dataset.metadata.update({"uri": r["uri"], "content_hash": r["content_hash"]})
+    with open(dataset.path, "w") as f:
+        json.dump(r, f, indent=1)
+
+
+@dsl.component(base_image=TRAINER)
+def train_recognizer(
+    dataset: Input[Dataset],
+    config_yaml: str,
+    run_root: str,
+    gpus_per_node: int,
+    nodes: int,
+    log_dir: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """ArcFace/CosFace training of the configured backbone."""
+    from faceops.stages import log_training, train_stage
+
+    r = train_stage(
+        "recognizer",
+        dataset.metadata["uri"],
+        f"{run_root}/recognizer",
+        config_yaml,
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+        log_dir=log_dir,
+    )
+    log_training(r, model, metrics, "recognizer")
+
+
+@dsl.component(base_image=TRAINER)
+def train_dsr(
+    dataset: Input[Dataset],
+    recognizer: Input[Model],
+    config_yaml: str,
+    run_root: str,
+    vlr_size: str,
+    gpus_per_node: int,
+    nodes: int,
+    log_dir: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """DSR super-resolution VLR -> HR with losses from the frozen recognizer."""
+    from faceops.stages import dsr_args, log_training, train_stage
+
+    r = train_stage(
+        "dsr",
+        dataset.metadata["uri"],
+        f"{run_root}/dsr_{vlr_size}",
+        config_yaml,
+        dsr_args(recognizer.metadata["uri"], vlr_size),
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+        log_dir=log_dir,
+    )
+    log_training(r, model, metrics, "dsr")
+
+
+@dsl.component(base_image=TRAINER)
+def finetune_edgeface(
+    dataset: Input[Dataset],
+    recognizer: Input[Model],
+    dsr: Input[Model],
+    config_yaml: str,
+    run_root: str,
+    gpus_per_node: int,
+    nodes: int,
+    log_dir: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Two-stage fine-tuning of the recognizer on DSR outputs."""
+    from faceops.stages import finetune_args, log_training, train_stage
+
+    r = train_stage(
+        "finetune",
+        dataset.metadata["uri"],
+        f"{run_root}/recognizer_finetuned",
+        config_yaml,
+        finetune_args(recognizer.metadata["uri"], dsr.metadata["uri"], dsr.metadata["vlr_size"]),
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+        log_dir=log_dir,
+    )
+    log_training(r, model, metrics, "recognizer")
+
+
+@dsl.component(base_image=TRAINER)
+def evaluate(
+    dataset: Input[Dataset],
+    recognizer: Input[Model],
+    config_yaml: str,
+    run_root: str,
+    log_dir: str,
+    metrics: Output[Metrics],
+    report: Output[HTML],
+):
+    """Verification + identification on the test split; report.html with ROC/DET/histograms."""
+    from faceops.stages import evaluate_stage, log_evaluation
+
+    r = evaluate_stage(
+        recognizer.metadata["uri"],
+        dataset.metadata["uri"],
+        f"{run_root}/evaluation",
+        config_yaml,
+        log_dir=log_dir,
+    )
+    log_evaluation(r, metrics, report)
+
+
+@dsl.component(base_image=TRAINER)
+def evaluate_vlr(
+    dataset: Input[Dataset],
+    recognizer: Input[Model],
+    dsr: Input[Model],
+    finetuned: Input[Model],
+    config_yaml: str,
+    run_root: str,
+    log_dir: str,
+    metrics: Output[Metrics],
+    report: Output[HTML],
+):
+    """HR / VLR-bicubic / VLR-DSR / VLR-DSR + fine-tuned, SR metrics and sample grids."""
+    from faceops.stages import evaluate_stage, log_evaluation
+
+    r = evaluate_stage(
+        recognizer.metadata["uri"],
+        dataset.metadata["uri"],
+        f"{run_root}/evaluation",
+        config_yaml,
+        dsr_uris=[dsr.metadata["uri"]],
+        finetuned_uri=finetuned.metadata["uri"],
+        vlr_sizes=[dsr.metadata["vlr_size"]],
+        log_dir=log_dir,
+    )
+    log_evaluation(r, metrics, report)
+
+
+@dsl.component(base_image=TRAINER)
+def export(
+    recognizer: Input[Model],
+    dataset: Input[Dataset],
+    config_yaml: str,
+    repo_uri: str,
+    int8: bool,
+    trt: bool,
+    log_dir: str,
+    repo: Output[Model],
+):
+    """Recognizer -> ONNX (+ INT8, + TensorRT on GPU nodes) with parity gates -> Triton repository."""
+    from faceops.stages import export_stage, log_export
+
+    r = export_stage(
+        recognizer.metadata["uri"],
+        repo_uri,
+        config_yaml,
+        dataset_uri=dataset.metadata["uri"],
+        int8=int8,
+        trt=trt,
+        log_dir=log_dir,
+    )
+    log_export(r, repo_uri, repo)
+
+
+@dsl.component(base_image=TRAINER)
+def export_vlr(
+    recognizer: Input[Model],
+    dsr: Input[Model],
+    dataset: Input[Dataset],
+    config_yaml: str,
+    repo_uri: str,
+    int8: bool,
+    trt: bool,
+    log_dir: str,
+    repo: Output[Model],
+):
+    """Recognizer + DSR -> ONNX -> Triton repository with the `vlr_face` ensemble."""
+    from faceops.stages import export_stage, log_export
+
+    r = export_stage(
+        recognizer.metadata["uri"],
+        repo_uri,
+        config_yaml,
+        dsr_uris=[dsr.metadata["uri"]],
+        dataset_uri=dataset.metadata["uri"],
+        int8=int8,
+        trt=trt,
+        log_dir=log_dir,
+    )
+    log_export(r, repo_uri, repo)
+
+
+@dsl.component(base_image=SLIM)
+def deploy(
+    repo: Input[Model], dataset: Input[Dataset], triton_url: str, log_dir: str, metrics: Output[Metrics]
+):
+    """Serve the repository (cluster: Triton polls it in MinIO) and check it answers correctly."""
+    from faceops.stages import deploy_stage
+
+    r = deploy_stage(repo.metadata["uri"], dataset.metadata["uri"], triton_url, log_dir)
+    for k, v in r.items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            metrics.log_metric(k, v)

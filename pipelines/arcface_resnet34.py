@@ -1,0 +1,72 @@
+"""arcface_resnet34: ingest -> ResNet-34 ArcFace training (+ lower-LR phase) -> evaluate -> export."""
+
+from faceops.components import evaluate, export, ingest, train_recognizer
+from faceops.pipelines.platform import ClusterConfig, apply
+from kfp import dsl
+
+from faceops.config import packaged_config
+
+DEFAULT_CONFIG = "arcface_resnet34"
+
+
+def build(cluster: ClusterConfig | None = None):
+    cluster = cluster or ClusterConfig()
+    default_yaml = packaged_config(DEFAULT_CONFIG).read_text()
+
+    @dsl.pipeline(
+        name="arcface-resnet34",
+        description="ResNet-34 + ArcFace (s=30, m=0.35) trained from "
+        "scratch with SGD then lower-LR fine-tuning; verification/identification; ONNX for Triton.",
+    )
+    def arcface_resnet34(
+        config_yaml: str = default_yaml,
+        source: str = "synth://",
+        dataset_name: str = "faces",
+        store_uri: str = "s3://faceops",
+        run_id: str = "arcface-resnet34",
+        pairs_file: str = "",
+        gpus_per_node: int = 1,
+        nodes: int = 1,
+        int8: bool = False,
+        trt: bool = False,
+        log_dir: str = "",
+    ):
+        run_root = f"{store_uri}/runs/{run_id}"
+        ing = ingest(
+            source=source,
+            name=dataset_name,
+            store_uri=store_uri,
+            config_yaml=config_yaml,
+            pairs_file=pairs_file,
+            log_dir=log_dir,
+        )
+        apply(ing, cluster, gpu_task=False, cache=True)
+        data = ing.outputs["dataset"]
+        rec = train_recognizer(
+            dataset=data,
+            config_yaml=config_yaml,
+            run_root=run_root,
+            gpus_per_node=gpus_per_node,
+            nodes=nodes,
+            log_dir=log_dir,
+        )
+        ev = evaluate(
+            dataset=data,
+            recognizer=rec.outputs["model"],
+            config_yaml=config_yaml,
+            run_root=run_root,
+            log_dir=log_dir,
+        )
+        ex = export(
+            recognizer=rec.outputs["model"],
+            dataset=data,
+            config_yaml=config_yaml,
+            repo_uri=f"{store_uri}/triton",
+            int8=int8,
+            trt=trt,
+            log_dir=log_dir,
+        )
+        for task in (rec, ev, ex):
+            apply(task, cluster, gpu_task=True, cache=cluster.cache_training)
+
+    return arcface_resnet34

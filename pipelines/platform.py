@@ -1,0 +1,62 @@
+"""Cluster settings applied to pipeline tasks at compile time (the local runner ignores them).
+
+GPU placement is configurable and off by default for CPU-only clusters; MinIO credentials come from
+a Kubernetes Secret as environment variables (never pipeline parameters); DataLoader workers get a
+memory-backed /dev/shm; ingest is cached, training is not (unless asked); steps retry on transient
+failures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from faceops.config import check
+
+
+@dataclass
+class ClusterConfig:
+    gpu: bool = False  # request GPUs for GPU tasks (training, evaluation, export)
+    accelerator_type: str = "nvidia.com/gpu"
+    gpus_per_task: int = 1  # accelerator limit of each GPU task
+    gpu_node_selector: dict[str, str] = field(default_factory=dict)  # e.g. {"nvidia.com/gpu.present": "true"}
+    gpu_toleration: bool = False  # tolerate the nvidia.com/gpu NoSchedule taint on GPU nodes
+    toleration_key: str = "nvidia.com/gpu"
+    s3_secret: str = "faceops-s3"  # Secret whose keys become env vars (FACEOPS_S3_*)
+    env_configmap: str = "faceops-env"  # ConfigMap with FACEOPS_PUSHGATEWAY / FACEOPS_TRITON_URL
+    shm_size: str = "2Gi"  # /dev/shm emptyDir (medium Memory) for DataLoader workers
+    cache_training: bool = False  # KFP caching of training steps (ingest is always cached)
+    retries: int = 2  # retries of each task on transient failure
+    cpu_request: str = "2"
+    memory_request: str = "8G"
+    gpu_cpu_request: str = "8"
+    gpu_memory_request: str = "32G"
+
+    def __post_init__(self) -> None:
+        check(self.gpus_per_task >= 1, "cluster.gpus_per_task must be >= 1")
+        check(self.retries >= 0, "cluster.retries must be >= 0")
+
+
+def apply(task, cfg: ClusterConfig, *, gpu_task: bool, cache: bool) -> None:
+    """Resources, GPU placement, Secret env, /dev/shm, caching and retries on one task."""
+    from kfp import kubernetes
+
+    task.set_caching_options(cache)
+    task.set_retry(num_retries=cfg.retries, backoff_duration="30s", backoff_factor=2.0)
+    if gpu_task and cfg.gpu:
+        task.set_cpu_request(cfg.gpu_cpu_request).set_memory_request(cfg.gpu_memory_request)
+        task.set_accelerator_type(cfg.accelerator_type).set_accelerator_limit(cfg.gpus_per_task)
+        for key, value in cfg.gpu_node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        if cfg.gpu_toleration:
+            kubernetes.add_toleration(task, key=cfg.toleration_key, operator="Exists", effect="NoSchedule")
+    else:
+        task.set_cpu_request(cfg.cpu_request).set_memory_request(cfg.memory_request)
+    kubernetes.use_secret_as_env(task, secret_name=cfg.s3_secret, secret_key_to_env={
+        k: k for k in ("FACEOPS_S3_ENDPOINT", "FACEOPS_S3_ACCESS_KEY", "FACEOPS_S3_SECRET_KEY",
+                       "FACEOPS_S3_SECURE", "FACEOPS_S3_REGION")})
+    kubernetes.use_config_map_as_env(task, config_map_name=cfg.env_configmap, config_map_key_to_env={
+        "FACEOPS_PUSHGATEWAY": "FACEOPS_PUSHGATEWAY", "FACEOPS_TRITON_URL": "FACEOPS_TRITON_URL"},
+        optional=True)
+    if gpu_task:
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=cfg.shm_size)

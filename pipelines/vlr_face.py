@@ -1,0 +1,108 @@
+"""vlr_face: ingest -> recognizer -> DSR -> fine-tune on DSR outputs -> evaluate -> export -> deploy."""
+
+from faceops.components import (
+    deploy,
+    evaluate_vlr,
+    export_vlr,
+    finetune_edgeface,
+    ingest,
+    train_dsr,
+    train_recognizer,
+)
+from faceops.pipelines.platform import ClusterConfig, apply
+from kfp import dsl
+
+from faceops.config import packaged_config
+
+DEFAULT_CONFIG = "vlr_face"
+
+
+def build(cluster: ClusterConfig | None = None):
+    cluster = cluster or ClusterConfig()
+    default_yaml = packaged_config(DEFAULT_CONFIG).read_text()
+
+    @dsl.pipeline(
+        name="vlr-face",
+        description="Very-low-resolution face recognition: a recognizer, a DSR "
+        "super-resolver and a recognizer fine-tuned on DSR outputs, evaluated, exported and served.",
+    )
+    def vlr_face(
+        config_yaml: str = default_yaml,
+        source: str = "synth://",
+        dataset_name: str = "faces",
+        store_uri: str = "s3://faceops",
+        run_id: str = "vlr-face",
+        vlr_size: str = "32x32",
+        pairs_file: str = "",
+        gpus_per_node: int = 1,
+        nodes: int = 1,
+        int8: bool = False,
+        trt: bool = False,
+        triton_url: str = "",
+        log_dir: str = "",
+    ):
+        run_root = f"{store_uri}/runs/{run_id}"
+        ing = ingest(
+            source=source,
+            name=dataset_name,
+            store_uri=store_uri,
+            config_yaml=config_yaml,
+            pairs_file=pairs_file,
+            log_dir=log_dir,
+        ).set_display_name("ingest")
+        apply(ing, cluster, gpu_task=False, cache=True)
+        data = ing.outputs["dataset"]
+        rec = train_recognizer(
+            dataset=data,
+            config_yaml=config_yaml,
+            run_root=run_root,
+            gpus_per_node=gpus_per_node,
+            nodes=nodes,
+            log_dir=log_dir,
+        )
+        dsr = train_dsr(
+            dataset=data,
+            recognizer=rec.outputs["model"],
+            config_yaml=config_yaml,
+            run_root=run_root,
+            vlr_size=vlr_size,
+            gpus_per_node=gpus_per_node,
+            nodes=nodes,
+            log_dir=log_dir,
+        )
+        ft = finetune_edgeface(
+            dataset=data,
+            recognizer=rec.outputs["model"],
+            dsr=dsr.outputs["model"],
+            config_yaml=config_yaml,
+            run_root=run_root,
+            gpus_per_node=gpus_per_node,
+            nodes=nodes,
+            log_dir=log_dir,
+        )
+        ev = evaluate_vlr(
+            dataset=data,
+            recognizer=rec.outputs["model"],
+            dsr=dsr.outputs["model"],
+            finetuned=ft.outputs["model"],
+            config_yaml=config_yaml,
+            run_root=run_root,
+            log_dir=log_dir,
+        )
+        ex = export_vlr(
+            recognizer=ft.outputs["model"],
+            dsr=dsr.outputs["model"],
+            dataset=data,
+            config_yaml=config_yaml,
+            repo_uri=f"{store_uri}/triton",
+            int8=int8,
+            trt=trt,
+            log_dir=log_dir,
+        )
+        dep = deploy(repo=ex.outputs["repo"], dataset=data, triton_url=triton_url, log_dir=log_dir)
+        dep.after(ev)
+        for task in (rec, dsr, ft, ev, ex):
+            apply(task, cluster, gpu_task=True, cache=cluster.cache_training)
+        apply(dep, cluster, gpu_task=False, cache=False)
+
+    return vlr_face

@@ -1,0 +1,36 @@
+"""``faceops export``: checkpoints -> ONNX (+INT8, +TensorRT) -> parity gate -> Triton repository."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from faceops.cli._common import add_config_args
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="export models to ONNX/INT8/TensorRT and a Triton repository",
+                              description=__doc__)
+    p.add_argument("--model", required=True, metavar="MODEL", help="recognizer checkpoint (path or URI)")
+    p.add_argument("--dsr", action="append", default=[], metavar="DSR_MODEL",
+                   help="DSR checkpoint (repeatable, one per VLR size); adds dsr + the vlr_face ensemble")
+    p.add_argument("--format", dest="formats", action="append", choices=["onnx"], default=None,
+                   help="export format (onnx; INT8 and TensorRT are --int8 / --trt on top of it)")
+    p.add_argument("--int8", action="store_true", help="also an INT8 model, calibrated on --dataset")
+    p.add_argument("--trt", action="store_true", help="also TensorRT engines (skipped without a CUDA device)")
+    p.add_argument("--dataset", metavar="URI", help="dataset whose val split gives parity/calibration faces")
+    p.add_argument("--repo", required=True, metavar="URI", help="Triton model repository (path or s3://)")
+    add_config_args(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from faceops.config import load
+    from faceops.export import ExportConfig, export_model
+
+    overrides = [o.removeprefix("export.") for o in args.overrides]  # --set export.opset=17 or opset=17
+    cfg = load(ExportConfig, args.config, overrides, section="export")
+    report = export_model(args.model, args.repo, formats=args.formats or ["onnx"], int8=args.int8,
+                          trt=args.trt, dsr_uri=args.dsr or None, calib_dataset=args.dataset, cfg=cfg)
+    print(json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,210 @@
+"""Embedders and super-resolvers behind one interface, whatever the model's file format.
+
+Evaluation never branches on the format: a faceops checkpoint (rebuilt by
+:func:`faceops.train.checkpoint.load_model`) and its ONNX export (ONNX Runtime, tensor names from the
+serving contract: recognizer ``input`` -> ``embedding``, DSR ``input`` -> ``output``) give the same
+numbers. Images go in as stored uint8 NHWC and are converted by :mod:`faceops.data.tensors`, the one
+conversion shared with training and serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from faceops.data.tensors import to_input, to_uint8
+from faceops.errors import FaceopsError
+
+log = logging.getLogger(__name__)
+
+ONNX_INPUT = "input"
+ONNX_EMBEDDING = "embedding"
+ONNX_SR_OUTPUT = "output"
+
+#: a batch function: float32 NCHW in [-1, 1] -> float32 array (embeddings or SR images NCHW)
+Forward = Callable[[np.ndarray], np.ndarray]
+
+
+class ModelError(FaceopsError):
+    """A model file cannot be loaded or is not the kind of model asked for."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# -- backends ------------------------------------------------------------------------------------
+def torch_forward(module: nn.Module, device: str = "auto") -> Forward:
+    dev = resolve_device(device)
+    module = module.to(dev).eval()
+
+    @torch.inference_mode()
+    def run(x: np.ndarray) -> np.ndarray:
+        # full fp32 convolutions (no TF32 on GPUs): figures must match the ONNX export within 1e-4
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            return module(torch.from_numpy(x).to(dev)).float().cpu().numpy()
+
+    return run
+
+
+def _onnx_bytes(uri: str) -> bytes:
+    if "://" in uri and not uri.startswith("file://"):
+        from faceops.storage import split_uri
+
+        store, key = split_uri(uri)
+        return store.get_bytes(key)
+    path = Path(uri.removeprefix("file://"))
+    if not path.is_file():
+        raise ModelError(f"ONNX model not found: {uri}")
+    return path.read_bytes()
+
+
+def onnx_session(uri: str):
+    import onnxruntime as ort
+
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                 if p in ort.get_available_providers()]
+    try:
+        return ort.InferenceSession(_onnx_bytes(uri), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors for a bad file
+        raise ModelError(f"{uri}: not a loadable ONNX model ({exc})") from exc
+
+
+def onnx_forward(session, output: str) -> Forward:
+    names_in = [i.name for i in session.get_inputs()]
+    names_out = [o.name for o in session.get_outputs()]
+    if ONNX_INPUT not in names_in or output not in names_out:
+        raise ModelError(f"ONNX model has inputs {names_in} and outputs {names_out}; expected input "
+                         f"'{ONNX_INPUT}' and output '{output}' (export it with `faceops export`)")
+    return lambda x: session.run([output], {ONNX_INPUT: x.astype(np.float32, copy=False)})[0]
+
+
+def is_onnx(uri: str) -> bool:
+    return uri.lower().endswith(".onnx")
+
+
+def _load_checkpoint(uri: str, kind: str) -> tuple[nn.Module, dict]:
+    from faceops.train.checkpoint import load_model
+
+    module, meta = load_model(uri)
+    if meta.get("kind") != kind:
+        raise ModelError(f"{uri} is a {meta.get('kind')!r} checkpoint, expected a {kind!r} model here")
+    return module, meta
+
+
+# -- embedder ------------------------------------------------------------------------------------
+@dataclass
+class Embedder:
+    """uint8 faces [N, H, W, 3] -> L2-normalised float32 embeddings [N, D], batched.
+
+    With ``flip`` the embedding is the normalised sum of the image's and its mirror's embeddings.
+    """
+
+    forward: Forward
+    name: str = "recognizer"
+    batch_size: int = 64
+    flip: bool = False
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        if len(images) == 0:
+            raise ValueError("no images to embed")
+        out = [self._batch(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(out)
+
+    def _batch(self, images: np.ndarray) -> np.ndarray:
+        x = to_input(np.ascontiguousarray(images)).numpy()
+        emb = self.forward(x).astype(np.float64)
+        if self.flip:
+            mirrored = self.forward(np.ascontiguousarray(x[..., ::-1])).astype(np.float64)
+            emb = _normalise(emb) + _normalise(mirrored)
+        if not np.isfinite(emb).all():
+            raise ModelError(f"{self.name} produced NaN/Inf embeddings (a diverged checkpoint?)")
+        return _normalise(emb).astype(np.float32)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def load_embedder(uri: str, batch_size: int = 64, flip: bool = False, device: str = "auto") -> Embedder:
+    """A recognizer from a faceops checkpoint or an ``.onnx`` file."""
+    if is_onnx(uri):
+        forward = onnx_forward(onnx_session(uri), ONNX_EMBEDDING)
+    else:
+        module, _ = _load_checkpoint(uri, "recognizer")
+        forward = torch_forward(module, device)
+    return Embedder(forward, name=Path(uri).name, batch_size=batch_size, flip=flip)
+
+
+# -- super-resolver ------------------------------------------------------------------------------
+@dataclass
+class SuperResolver:
+    """uint8 VLR faces [N, h, w, 3] -> uint8 SR faces [N, 112, 112, 3], batched."""
+
+    forward: Forward
+    vlr_size: str  # "WxH" of the input it was trained for
+    name: str = "dsr"
+    batch_size: int = 64
+
+    def upscale(self, vlr: np.ndarray) -> np.ndarray:
+        if len(vlr) == 0:
+            raise ValueError("no images to super-resolve")
+        out = []
+        for i in range(0, len(vlr), self.batch_size):
+            y = self.forward(to_input(np.ascontiguousarray(vlr[i : i + self.batch_size])).numpy())
+            if not np.isfinite(y).all():
+                raise ModelError(f"{self.name} produced NaN/Inf images (a diverged checkpoint?)")
+            out.append(to_uint8(torch.from_numpy(y)))
+        return np.concatenate(out)
+
+
+def _onnx_vlr_size(session, uri: str) -> str:
+    shape = next(i.shape for i in session.get_inputs() if i.name == ONNX_INPUT)
+    h, w = shape[-2:]
+    if not (isinstance(h, int) and isinstance(w, int)):
+        raise ModelError(f"{uri}: DSR input '{ONNX_INPUT}' has no fixed spatial size ({shape}); cannot tell "
+                         "which VLR size it serves")
+    return f"{w}x{h}"
+
+
+def load_super_resolver(uri: str, batch_size: int = 64, device: str = "auto") -> SuperResolver:
+    """A DSR model from a faceops checkpoint (``vlr_size`` in its metadata) or an ``.onnx`` file (the
+    VLR size read from its input shape)."""
+    if is_onnx(uri):
+        session = onnx_session(uri)
+        return SuperResolver(onnx_forward(session, ONNX_SR_OUTPUT), _onnx_vlr_size(session, uri),
+                             name=Path(uri).name, batch_size=batch_size)
+    module, meta = _load_checkpoint(uri, "dsr")
+    size = meta.get("vlr_size") or (meta.get("model_config") or {}).get("vlr_size")
+    if not size:
+        raise ModelError(f"{uri}: DSR checkpoint does not record its vlr_size")
+    return SuperResolver(torch_forward(module, device), str(size), name=Path(uri).name, batch_size=batch_size)
+
+
+def super_resolvers_by_size(uris: list[str], batch_size: int = 64,
+                            device: str = "auto") -> dict[str, SuperResolver]:
+    """Load DSR models keyed by the VLR size each one declares; two for one size is an error."""
+    by_size: dict[str, SuperResolver] = {}
+    for uri in uris:
+        sr = load_super_resolver(uri, batch_size, device)
+        if sr.vlr_size in by_size:
+            raise ModelError(f"two DSR models serve {sr.vlr_size}: {by_size[sr.vlr_size].name} and {uri}")
+        by_size[sr.vlr_size] = sr
+    return by_size
+
+
+def require_sizes(by_size: dict[str, SuperResolver], sizes: list[str]) -> None:
+    """Every requested VLR size needs its DSR model."""
+    missing = [s for s in sizes if s not in by_size]
+    if missing:
+        have = ", ".join(f"{s} ({m.name})" for s, m in by_size.items()) or "none"
+        raise ModelError(f"no DSR model for VLR size(s) {', '.join(missing)}; "
+                         f"the given DSR models serve: {have}")

@@ -1,0 +1,168 @@
+"""``report.html``: a self-contained page beside metrics.json, its figures as PNGs in the same folder.
+
+Figures: ROC (TAR vs FAR, log FAR), DET (FRR vs FAR, log-log), genuine/impostor score histograms
+per setting, and for VLR runs a sample grid per size (VLR | bicubic | DSR | HR). Plots use
+matplotlib's Agg backend, so no display is needed.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from faceops.evaluate.verification import roc_curve
+
+REPORT_FILE = "report.html"
+FAR_FLOOR = 1e-5  # left edge of the log-FAR axes (FAR = 0 points cannot be drawn on a log axis)
+
+
+@dataclass
+class Curve:
+    label: str  # setting, e.g. "hr" or "32x32 dsr"
+    scores: np.ndarray
+    genuine: np.ndarray
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_").lower()
+
+
+def plot_roc(curves: list[Curve], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for c in curves:
+        roc = roc_curve(c.scores, c.genuine)
+        ax.plot(np.maximum(roc.far, FAR_FLOOR), roc.tar, label=c.label)
+    ax.set(xscale="log", xlim=(FAR_FLOOR, 1), ylim=(0, 1.01), xlabel="FAR (false accept rate)",
+           ylabel="TAR (true accept rate)", title="ROC")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_det(curves: list[Curve], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for c in curves:
+        roc = roc_curve(c.scores, c.genuine)
+        ax.plot(np.maximum(roc.far, FAR_FLOOR), np.maximum(roc.frr, FAR_FLOOR), label=c.label)
+    ax.plot([FAR_FLOOR, 1], [FAR_FLOOR, 1], color="grey", lw=0.8, ls="--", label="EER line")
+    ax.set(xscale="log", yscale="log", xlim=(FAR_FLOOR, 1), ylim=(FAR_FLOOR, 1),
+           xlabel="FAR (false accept rate)", ylabel="FRR (false reject rate)", title="DET")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_histogram(curve: Curve, path: Path, bins: int, threshold: float | None) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    edges = np.linspace(min(-0.2, curve.scores.min()), max(1.0, curve.scores.max()), bins + 1)
+    ax.hist(curve.scores[curve.genuine], bins=edges, alpha=0.6, density=True, label="genuine")
+    ax.hist(curve.scores[~curve.genuine], bins=edges, alpha=0.6, density=True, label="impostor")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.3f}")
+    ax.set(xlabel="cosine similarity", ylabel="density", title=f"scores: {curve.label}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_grid(columns: dict[str, np.ndarray], path: Path, title: str) -> None:
+    """Rows = faces, columns = views; small views are shown with nearest-neighbour pixels."""
+    plt = _plt()
+    n = len(next(iter(columns.values())))
+    fig, axes = plt.subplots(n, len(columns), figsize=(1.6 * len(columns), 1.6 * n + 0.4), squeeze=False)
+    for j, (name, imgs) in enumerate(columns.items()):
+        axes[0, j].set_title(f"{name}\n{imgs.shape[2]}x{imgs.shape[1]}", fontsize=8)
+        for i in range(n):
+            axes[i, j].imshow(imgs[i], interpolation="nearest")
+            axes[i, j].axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def _settings_table(metrics: dict) -> str:
+    rows = [("HR", metrics)]
+    for size, per_size in metrics.get("vlr", {}).items():
+        rows += [(f"{size} {kind}", block) for kind, block in per_size.items()]
+    head = ("<tr><th>setting</th><th>accuracy</th><th>EER</th><th>AUC</th><th>TAR@1e-2</th><th>TAR@1e-3</th>"
+            "<th>TAR@1e-4</th><th>threshold</th><th>rank-1</th><th>rank-5</th><th>PSNR</th><th>SSIM</th>"
+            "<th>identity cos</th></tr>")
+    body = []
+    for name, b in rows:
+        v, i, sr = b["verification"], b["identification"], b.get("super_resolution")
+        cells = [v["accuracy"], v["eer"], v["auc"], *v["tar_at_far"].values(), v["threshold"], i["rank1"],
+                 i["rank5"]]
+        srcells = [f"{sr['psnr']:.2f}", _fmt(sr["ssim"]), _fmt(sr["identity_cosine"])] if sr else ["-"] * 3
+        body.append("<tr><td>" + html.escape(name) + "</td>"
+                    + "".join(f"<td>{_fmt(c)}</td>" for c in cells)
+                    + "".join(f"<td>{c}</td>" for c in srcells) + "</tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+         "img{margin:4px;border:1px solid #eee}")
+
+
+def write_report(out: Path, metrics: dict, curves: list[Curve], grids: dict[str, dict[str, np.ndarray]],
+                 info: dict, hist_bins: int = 50) -> Path:
+    """Write the PNGs and ``report.html`` into ``out``; returns the page's path."""
+    plot_roc(curves, out / "roc.png")
+    plot_det(curves, out / "det.png")
+    thresholds = {"hr": metrics["verification"]["threshold"]}
+    for size, per_size in metrics.get("vlr", {}).items():
+        thresholds.update({f"{size} {k}": b["verification"]["threshold"] for k, b in per_size.items()})
+    hist_files = []
+    for c in curves:
+        name = f"hist_{_slug(c.label)}.png"
+        plot_histogram(c, out / name, hist_bins, thresholds.get(c.label))
+        hist_files.append(name)
+    grid_files = []
+    for size, columns in grids.items():
+        name = f"samples_{_slug(size)}.png"
+        plot_grid(columns, out / name, f"VLR {size}: " + " | ".join(columns))
+        grid_files.append(name)
+    info_rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+                        for k, v in info.items())
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>faceops evaluation</title>",
+        f"<style>{STYLE}</style></head><body><h1>faceops evaluation</h1>",
+        f"<table>{info_rows}</table>",
+        "<h2>Settings</h2>", _settings_table(metrics),
+        "<p>TAR at FAR is conservative (best TAR at a threshold whose FAR is at most the target); the "
+        "accuracy threshold is never chosen on the pairs it scores.</p>",
+        "<h2>ROC and DET</h2><img src='roc.png' alt='ROC'><img src='det.png' alt='DET'>",
+        "<h2>Score distributions</h2>", *(f"<img src='{f}' alt='{f}'>" for f in hist_files),
+    ]
+    if grid_files:
+        parts += ["<h2>Super-resolution samples</h2>", *(f"<img src='{f}' alt='{f}'>" for f in grid_files)]
+    parts.append("</body></html>")
+    path = out / REPORT_FILE
+    path.write_text("\n".join(parts))
+    return path

@@ -1,0 +1,28 @@
+"""Export: ONNX with a parity gate, INT8, TensorRT, and the Triton model repository."""
+
+from faceops.export.api import CalibData, export_model, export_modules
+from faceops.export.config import ExportConfig
+from faceops.export.int8 import Int8AccuracyError, Int8Report, int8_accuracy_change, quantize_int8
+from faceops.export.onnx_export import (
+    FusedVLR,
+    ParityError,
+    ParityReport,
+    check_parity,
+    compare,
+    export_onnx,
+    run_onnx,
+)
+from faceops.export.triton_repo import (
+    ModelConfigError,
+    parse_config,
+    validate_repository,
+    versions,
+    write_model,
+)
+
+__all__ = [
+    "CalibData", "ExportConfig", "FusedVLR", "Int8AccuracyError", "Int8Report", "ModelConfigError",
+    "ParityError", "ParityReport", "check_parity", "compare", "export_model", "export_modules",
+    "export_onnx", "int8_accuracy_change", "parse_config", "quantize_int8", "run_onnx",
+    "validate_repository", "versions", "write_model",
+]

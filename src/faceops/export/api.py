@@ -1,0 +1,208 @@
+"""``export_model``: checkpoints -> ONNX (+INT8, +TensorRT) -> parity gates -> Triton repository.
+
+Triton names (ARCHITECTURE.md): ``recognizer``, ``dsr``, ensemble ``vlr_face`` (dsr -> recognizer).
+Extras beside the contract, each with the recognizer's tensor names and shapes:
+``vlr_fused`` (DSR -> resize -> recognizer as one ONNX graph), ``recognizer_int8`` (QDQ INT8),
+``recognizer_trt`` / ``recognizer_trt_int8`` (tensorrt_plan, only where an engine was built).
+With several DSR models (one per VLR size) the size-specific ones are ``dsr_<WxH>``,
+``vlr_face_<WxH>`` and ``vlr_fused_<WxH>``; with one they take the plain contract names.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from faceops.data import degrade
+from faceops.data.tensors import to_input
+from faceops.errors import FaceopsError
+from faceops.export import int8 as int8_mod
+from faceops.export import tensorrt as trt_mod
+from faceops.export.config import ExportConfig
+from faceops.export.onnx_export import (
+    EMBEDDING_DIM,
+    HR_SIZE,
+    FusedVLR,
+    check_parity,
+    export_onnx,
+)
+from faceops.export.triton_repo import (
+    TensorSpec,
+    ensemble_config,
+    model_config,
+    validate_repository,
+    write_model,
+)
+from faceops.storage import open_store
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx",)
+HR_DIMS = (3, HR_SIZE, HR_SIZE)
+IN_SPEC = [TensorSpec("input", HR_DIMS)]
+EMB_SPEC = [TensorSpec("embedding", (EMBEDDING_DIM,))]
+
+
+@dataclass
+class CalibData:
+    """Real validation faces: parity batches, INT8 calibration and the INT8 accuracy pairs."""
+
+    hr: np.ndarray  # uint8 [N,112,112,3]
+    vlr: dict[str, np.ndarray] = field(default_factory=dict)  # "WxH" -> uint8 [N,h,w,3]
+    pairs: list[tuple[int, int, bool]] = field(default_factory=list)
+
+    @classmethod
+    def from_dataset(cls, dataset_uri: str, split: str = "val") -> CalibData:
+        from faceops.data.reader import load_split
+
+        data = load_split(dataset_uri, split)
+        return cls(hr=data.hr, vlr=dict(data.vlr), pairs=list(data.pairs))
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """``"32x32"`` / ``"14x16"`` (W x H) -> (w, h), as a FaceopsError when malformed."""
+    try:
+        return degrade.parse_size(size)
+    except ValueError as exc:
+        raise FaceopsError(f"DSR model: {exc}") from None
+
+
+def _batch(images: np.ndarray | None, dims: tuple[int, int, int], n: int, what: str) -> torch.Tensor:
+    if images is not None and len(images):
+        return to_input(images[:n])
+    log.warning("parity for %s runs on a seeded random batch: pass a dataset for real faces", what)
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand((n, *dims), generator=gen) * 2 - 1
+
+
+def _names(sizes: list[str]) -> dict[str, tuple[str, str, str]]:
+    """VLR size -> (dsr, ensemble, fused) Triton names; plain contract names when there is one size."""
+    if len(sizes) == 1:
+        return {sizes[0]: ("dsr", "vlr_face", "vlr_fused")}
+    return {s: (f"dsr_{s}", f"vlr_face_{s}", f"vlr_fused_{s}") for s in sizes}
+
+
+def export_modules(recognizer: nn.Module, repo_uri: str, dsrs: dict[str, nn.Module] | None = None,
+                   cfg: ExportConfig | None = None, calib: CalibData | None = None, int8: bool = False,
+                   trt: bool = False, work_dir: str | Path | None = None) -> dict:
+    """Export in-memory models (see :func:`export_model`); returns paths, versions and parity figures."""
+    cfg = cfg or ExportConfig()
+    store = open_store(repo_uri)
+    tmp = tempfile.TemporaryDirectory(prefix="faceops-export-") if work_dir is None else None
+    work = Path(work_dir or tmp.name)
+    report: dict = {"repo": store.uri, "models": {}}
+    pending: list = []  # models are staged and published only once every gate has passed
+    try:
+        hr_batch = _batch(calib.hr if calib else None, HR_DIMS, cfg.parity_batch, "recognizer")
+        rec_path = export_onnx(recognizer, work / "recognizer.onnx", hr_batch[:1], "recognizer", cfg)
+        parity = check_parity("recognizer", rec_path, recognizer, hr_batch, cfg)
+        _publish(pending, model_config("recognizer", "onnxruntime_onnx", IN_SPEC, EMB_SPEC, cfg),
+                 rec_path, parity.as_dict())
+        int8_path = _export_int8(pending, report, rec_path, calib, cfg, work) if int8 else None
+        for size, names in _names(sorted(dsrs or {})).items():
+            _export_vlr(pending, report, recognizer, dsrs[size], size, names, calib, cfg, work)
+        if trt:
+            report["tensorrt"] = _export_trt(pending, report, recognizer, rec_path, int8_path, hr_batch, cfg,
+                                             work)
+        for config, model_file, parity in pending:
+            version = write_model(store, config, model_file)
+            report["models"][config.name] = {"version": version, "platform": config.platform,
+                                             "uri": store.url(f"{config.name}/{version}"), "parity": parity}
+        validate_repository(store)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return report
+
+
+def _export_int8(pending, report: dict, rec_path: Path, calib: CalibData | None, cfg: ExportConfig,
+                 work: Path) -> Path:
+    if calib is None:
+        raise FaceopsError("--int8 needs calibration faces: pass the dataset (calib_dataset / --dataset) "
+                           "whose val split calibrates and scores the INT8 model")
+    int8_path = int8_mod.quantize_int8(rec_path, work / "recognizer_int8.onnx", calib.hr, cfg)
+    n_cal = min(len(calib.hr), cfg.int8_calib_images)
+    accuracy = int8_mod.int8_accuracy_change(rec_path, int8_path, calib.hr, calib.pairs, n_cal, cfg)
+    report["int8"] = accuracy.as_dict()
+    _publish(pending, model_config("recognizer_int8", "onnxruntime_onnx", IN_SPEC, EMB_SPEC, cfg),
+             int8_path, None)
+    return int8_path
+
+
+def _export_vlr(pending, report: dict, recognizer: nn.Module, dsr: nn.Module, size: str,
+                names: tuple[str, str, str], calib: CalibData | None, cfg: ExportConfig, work: Path) -> None:
+    """DSR model, fused DSR->recognizer model and the ensemble for one VLR size."""
+    dsr_name, ens_name, fused_name = names
+    w, h = parse_size(size)
+    vlr_dims = (3, h, w)
+    vlr_spec = [TensorSpec("input", vlr_dims)]
+    vlr_batch = _batch(calib.vlr.get(size) if calib else None, vlr_dims, cfg.parity_batch, dsr_name)
+    dsr_path = export_onnx(dsr, work / f"{dsr_name}.onnx", vlr_batch[:1], "dsr", cfg)
+    parity = check_parity(dsr_name, dsr_path, dsr, vlr_batch, cfg)
+    _publish(pending, model_config(dsr_name, "onnxruntime_onnx", vlr_spec,
+                                         [TensorSpec("output", HR_DIMS)], cfg), dsr_path, parity.as_dict())
+    fused = FusedVLR(dsr, recognizer, cfg.vlr_resize_mode)
+    fused_path = export_onnx(fused, work / f"{fused_name}.onnx", vlr_batch[:1], "vlr_fused", cfg)
+    parity = check_parity(fused_name, fused_path, fused, vlr_batch, cfg)
+    _publish(pending, model_config(fused_name, "onnxruntime_onnx", vlr_spec, EMB_SPEC, cfg),
+             fused_path, parity.as_dict())
+    _publish(pending, ensemble_config(ens_name, dsr_name, "recognizer", vlr_dims, cfg), None, None)
+
+
+def _publish(pending: list, config, model_file, parity: dict | None) -> None:
+    pending.append((config, model_file, parity))
+
+
+def _export_trt(pending, report, recognizer, rec_path, int8_path, hr_batch, cfg: ExportConfig,
+                work: Path) -> dict:
+    reason = trt_mod.unavailable_reason()
+    if reason:
+        print(f"TensorRT: {reason}; the ONNX models are exported and served as usual")
+        return {"status": reason}
+    with torch.no_grad():
+        reference = recognizer.eval().cpu()(hr_batch).numpy()
+    builds = [("recognizer_trt", rec_path, False)]
+    if int8_path is not None:
+        builds.append(("recognizer_trt_int8", int8_path, True))
+    for name, onnx_path, is_int8 in builds:
+        engine = trt_mod.build_engine(onnx_path, work / f"{name}.plan", cfg, HR_DIMS, int8=is_int8)
+        parity = trt_mod.check_engine_parity(name, engine, reference, hr_batch, cfg)
+        _publish(pending, model_config(name, "tensorrt_plan", IN_SPEC, EMB_SPEC, cfg, "KIND_GPU"),
+                 engine, parity.as_dict())
+    return {"status": "built", "device": torch.cuda.get_device_name(0)}
+
+
+def export_model(model_uri: str, repo_uri: str, formats: tuple[str, ...] | list[str] = FORMATS,
+                 int8: bool = False, trt: bool = False, dsr_uri: str | list[str] | None = None,
+                 calib_dataset: str | None = None, cfg: ExportConfig | None = None) -> dict:
+    """Export a recognizer checkpoint (and DSR checkpoints) into the Triton repository at ``repo_uri``.
+
+    Returns ``{"repo", "models": {name: {version, platform, uri, parity}}, "int8"?, "tensorrt"?}``.
+    Raises :class:`~faceops.export.onnx_export.ParityError` when a graph does not reproduce PyTorch.
+    """
+    from faceops.train.checkpoint import load_model
+
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise FaceopsError(f"unknown export format(s) {unknown} (supported: {', '.join(FORMATS)}; "
+                           f"INT8 and TensorRT are --int8 / --trt on top of onnx)")
+    recognizer, meta = load_model(model_uri)
+    if meta.get("kind") != "recognizer":
+        raise FaceopsError(f"{model_uri} is a {meta.get('kind')!r} checkpoint; --model needs a recognizer")
+    dsrs: dict[str, nn.Module] = {}
+    for uri in [dsr_uri] if isinstance(dsr_uri, str) else list(dsr_uri or []):
+        module, dmeta = load_model(uri)
+        size = dmeta.get("vlr_size") or (dmeta.get("model_config") or {}).get("vlr_size")
+        if dmeta.get("kind") != "dsr" or not size:
+            raise FaceopsError(f"{uri} is not a DSR checkpoint with a vlr_size (kind {dmeta.get('kind')!r})")
+        dsrs[str(size)] = module
+    calib = CalibData.from_dataset(calib_dataset) if calib_dataset else None
+    report = export_modules(recognizer, repo_uri, dsrs, cfg, calib, int8=int8, trt=trt)
+    report["source"] = {"model": model_uri, "dsr": dsr_uri, "dataset": calib_dataset}
+    return report

@@ -1,0 +1,146 @@
+"""The Triton model repository, written to any store (a cluster Triton reads it from MinIO).
+
+Layout: ``<repo>/<model>/config.pbtxt`` + ``<repo>/<model>/<version>/model.onnx`` (or ``model.plan``).
+Configs are built as Triton's own ``ModelConfig`` protobuf (shipped in tritonclient), written as text
+and parsed back before upload, so a config Triton would reject never lands in the repository.
+Each export adds a new version number per model; ``version_policy`` says how many Triton serves.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from faceops.errors import FaceopsError
+from faceops.export.config import ExportConfig
+from faceops.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.pbtxt"
+ENSEMBLE_MARKER = "ENSEMBLE"  # an ensemble's version folder holds no model file; this keeps it in S3
+
+#: platform -> model file inside a version folder
+MODEL_FILES: dict[str, str] = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
+
+
+class ModelConfigError(FaceopsError):
+    """A config.pbtxt does not parse as Triton's ModelConfig or breaks the serving contract."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dims: tuple[int, ...]  # without the batch dimension (Triton adds it when max_batch_size > 0)
+
+
+def model_config(name: str, platform: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                 cfg: ExportConfig, instance_kind: str | None = None) -> mc.ModelConfig:
+    """A ModelConfig for one ONNX/TensorRT model with the export's batching and instance settings."""
+    c = mc.ModelConfig(name=name, platform=platform, max_batch_size=cfg.max_batch_size)
+    _add_tensors(c.input, inputs)
+    _add_tensors(c.output, outputs)
+    c.version_policy.latest.num_versions = cfg.num_versions
+    c.dynamic_batching.preferred_batch_size.extend(cfg.preferred_batch_sizes)
+    c.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
+    group = c.instance_group.add()
+    group.kind = mc.ModelInstanceGroup.Kind.Value(instance_kind or cfg.instance_kind)
+    group.count = cfg.instance_count
+    return c
+
+
+def ensemble_config(name: str, dsr: str, recognizer: str, vlr_dims: tuple[int, int, int],
+                    cfg: ExportConfig) -> mc.ModelConfig:
+    """``name``: VLR ``input`` -> ``dsr`` -> ``recognizer`` -> ``embedding`` (latest versions)."""
+    c = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=cfg.max_batch_size)
+    _add_tensors(c.input, [TensorSpec("input", vlr_dims)])
+    _add_tensors(c.output, [TensorSpec("embedding", (512,))])
+    c.version_policy.latest.num_versions = cfg.num_versions
+    first = c.ensemble_scheduling.step.add(model_name=dsr, model_version=-1)
+    first.input_map["input"] = "input"
+    first.output_map["output"] = "hr_face"
+    second = c.ensemble_scheduling.step.add(model_name=recognizer, model_version=-1)
+    second.input_map["input"] = "hr_face"
+    second.output_map["embedding"] = "embedding"
+    return c
+
+
+def _add_tensors(field, specs: list[TensorSpec]) -> None:
+    for spec in specs:
+        field.add(name=spec.name, data_type=mc.TYPE_FP32, dims=list(spec.dims))
+
+
+def to_text(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def parse_config(text: str, source: str = CONFIG) -> mc.ModelConfig:
+    """Parse config.pbtxt text with Triton's ModelConfig protobuf; errors name the source."""
+    config = mc.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ModelConfigError(f"{source} is not a valid Triton model config: {exc}") from None
+    if not config.name:
+        raise ModelConfigError(f"{source}: model config has no name")
+    if not (config.platform or config.backend):
+        raise ModelConfigError(f"{source}: model config '{config.name}' names no platform or backend")
+    return config
+
+
+def versions(store: ObjectStore, model: str) -> list[int]:
+    """Version numbers present for ``model`` in the repository (sorted)."""
+    found = set()
+    for key in store.list(f"{model}/"):
+        parts = key.split("/")
+        if len(parts) >= 3 and parts[1].isdigit():
+            found.add(int(parts[1]))
+    return sorted(found)
+
+
+def next_version(store: ObjectStore, model: str) -> int:
+    return (versions(store, model) or [0])[-1] + 1
+
+
+def write_model(store: ObjectStore, config: mc.ModelConfig, model_file: str | Path | None,
+                version: int | None = None) -> int:
+    """Upload ``model_file`` as a new version of ``config.name`` and (re)write its config.pbtxt."""
+    name = config.name
+    text = to_text(config)
+    parse_config(text, f"{store.url(name)}/{CONFIG}")
+    version = version or next_version(store, name)
+    if config.platform == "ensemble":
+        store.put_bytes(f"{name}/{version}/{ENSEMBLE_MARKER}", b"ensemble: no model file\n")
+    else:
+        if model_file is None:
+            raise FaceopsError(f"model {name} ({config.platform}) needs a model file")
+        store.put_file(f"{name}/{version}/{MODEL_FILES[config.platform]}", model_file)
+    store.put_bytes(f"{name}/{CONFIG}", text.encode())
+    log.info("Triton repository: %s version %d (%s)", store.url(name), version, config.platform)
+    return version
+
+
+def validate_repository(store: ObjectStore) -> dict[str, mc.ModelConfig]:
+    """Parse every config.pbtxt; check each model has a version and each ensemble step exists."""
+    configs = {}
+    for key in store.list():
+        parts = key.split("/")
+        if len(parts) == 2 and parts[1] == CONFIG:
+            configs[parts[0]] = parse_config(store.get_bytes(key).decode(), store.url(key))
+    for name, config in configs.items():
+        if config.name != name:
+            raise ModelConfigError(f"{store.url(name)}/{CONFIG}: name '{config.name}' differs from its "
+                                   f"folder '{name}'")
+        if not versions(store, name):
+            raise ModelConfigError(f"{store.url(name)}: no version folder (e.g. {name}/1/)")
+        for step in config.ensemble_scheduling.step:
+            if step.model_name not in configs:
+                raise ModelConfigError(f"ensemble {name} uses model '{step.model_name}', which the "
+                                       f"repository {store.uri} does not hold")
+    if not configs:
+        raise ModelConfigError(f"{store.uri} holds no Triton model (no <model>/{CONFIG})")
+    return configs

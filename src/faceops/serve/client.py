@@ -1,0 +1,256 @@
+"""Triton client for faces: ``FaceClient.embed / verify / identify`` over gRPC (or HTTP).
+
+Preprocessing is the ingest's own (:func:`faceops.data.prepare.prepare_face` then
+:func:`faceops.data.tensors.to_input_numpy`), so served embeddings match evaluated ones. Images whose
+both sides are below the HR size (e.g. 32x32 crops; ORL's 92x112 is HR) are VLR and go to the
+``vlr_face`` ensemble, resized to its input size; ``vlr=True`` degrades HR faces the way ingest does.
+Server errors become :class:`ClientError` subclasses that name the URL, model and what was sent.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from faceops.data.degrade import DegradeConfig, degrade
+from faceops.data.prepare import PrepareConfig, prepare_face
+from faceops.data.tensors import to_input_numpy
+from faceops.errors import FaceopsError
+
+ImageLike = str | Path | Image.Image | np.ndarray
+
+RECOGNIZER = "recognizer"
+VLR_MODEL = "vlr_face"
+
+
+class ClientError(FaceopsError):
+    """A request to the Triton server failed; the message names the URL and model."""
+
+
+class ServerUnavailableError(ClientError):
+    """The server cannot be reached (down, wrong URL) even after retries."""
+
+
+class ModelNotFoundError(ClientError):
+    """The server does not serve the requested model."""
+
+
+class InvalidInputError(ClientError):
+    """The server rejected the input (shape or dtype differs from the model's)."""
+
+
+class RequestTimeoutError(ClientError):
+    """The server did not answer within the client timeout."""
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    score: float  # cosine similarity of the two embeddings
+    same: bool  # score >= threshold
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Match:
+    identity: str
+    score: float  # best cosine of the query against this identity's gallery images
+    image_id: str  # the gallery image that gave the best score
+
+
+class FaceClient:
+    """Embeds, verifies and identifies faces against a Triton server (local or cluster).
+
+    Thread-safe: each thread gets its own underlying tritonclient connection.
+    """
+
+    def __init__(self, url: str = "127.0.0.1:8001", protocol: Literal["grpc", "http"] = "grpc",
+                 timeout: float = 10.0, retries: int = 3, retry_backoff_s: float = 0.25,
+                 batch_size: int = 32, prepare: PrepareConfig | None = None,
+                 recognizer: str = RECOGNIZER, vlr_model: str = VLR_MODEL):
+        if protocol not in ("grpc", "http"):
+            raise ClientError(f"protocol {protocol!r} is not one of grpc, http")
+        self.url, self.protocol, self.timeout = url, protocol, timeout
+        self.retries, self.retry_backoff_s, self.batch_size = retries, retry_backoff_s, batch_size
+        self.prepare = prepare or PrepareConfig()
+        self.recognizer, self.vlr_model = recognizer, vlr_model
+        self._local = threading.local()
+        self._vlr_size: tuple[int, int] | None = None
+
+    # -- transport ----------------------------------------------------------------------------
+    def _client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            if self.protocol == "grpc":
+                import tritonclient.grpc as tc
+
+                client = tc.InferenceServerClient(self.url)
+            else:
+                import tritonclient.http as tc
+
+                client = tc.InferenceServerClient(self.url, connection_timeout=self.timeout,
+                                                  network_timeout=self.timeout)
+            self._local.client = client
+        return client
+
+    def _call(self, what: str, model: str | None, fn):
+        """Run ``fn`` with retries on UNAVAILABLE; translate failures into ClientError subclasses."""
+        from tritonclient.utils import InferenceServerException
+
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except InferenceServerException as exc:
+                error = self._translate(exc, what, model)
+            except OSError as exc:  # HTTP transport: connection refused / reset
+                error = ServerUnavailableError(f"Triton server at {self.url} ({self.protocol}) is "
+                                               f"unreachable for {what}: {exc}")
+            if not isinstance(error, ServerUnavailableError) or attempt == self.retries:
+                break
+            time.sleep(self.retry_backoff_s * (2 ** attempt))
+        if isinstance(error, ServerUnavailableError):
+            raise ServerUnavailableError(f"{error} (after {self.retries + 1} attempts; is the server "
+                                         f"running? start one with 'faceops serve')") from None
+        raise error from None
+
+    def _translate(self, exc, what: str, model: str | None) -> ClientError:
+        status, message = str(exc.status() or ""), str(exc.message() or exc)
+        where = f"Triton {self.url} ({self.protocol}), {what}"
+        low = message.lower()
+        if model and ("unknown model" in low or "not found" in low or "is not ready" in low):
+            return ModelNotFoundError(f"{where}: model '{model}' is not served ({message.strip()}); "
+                                      f"check the name or export it with 'faceops export'")
+        if "UNAVAILABLE" in status or "failed to connect" in low or "connection refused" in low:
+            return ServerUnavailableError(f"{where}: server unreachable ({message.strip()})")
+        if "DEADLINE_EXCEEDED" in status or "deadline exceeded" in low or "timed out" in low:
+            return RequestTimeoutError(f"{where}: no answer within {self.timeout} s")
+        if "INVALID_ARGUMENT" in status or "unexpected shape" in low or "data-type" in low or "400" in status:
+            return InvalidInputError(f"{where}: input rejected: {message.strip()}")
+        return ClientError(f"{where}: {status} {message.strip()}")
+
+    def infer(self, model: str, x: np.ndarray, input_name: str = "input",
+              output_name: str = "embedding") -> np.ndarray:
+        """One raw request: ``x`` is sent as-is (float32 NCHW expected); returns ``output_name``."""
+        from tritonclient.utils import np_to_triton_dtype
+
+        tc = self._module()
+        try:
+            datatype = np_to_triton_dtype(x.dtype)
+        except (KeyError, TypeError):
+            datatype = None
+        if datatype is None:
+            raise InvalidInputError(f"{model}: numpy dtype {x.dtype} has no Triton equivalent; send float32")
+        inp = tc.InferInput(input_name, list(x.shape), datatype)
+        inp.set_data_from_numpy(np.ascontiguousarray(x))
+        out = tc.InferRequestedOutput(output_name)
+        kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+        what = f"infer {model} {list(x.shape)} {datatype}"
+        result = self._call(what, model, lambda: self._client().infer(model, [inp], outputs=[out], **kwargs))
+        return result.as_numpy(output_name)
+
+    def _module(self):
+        if self.protocol == "grpc":
+            import tritonclient.grpc as tc
+        else:
+            import tritonclient.http as tc
+        return tc
+
+    def ready(self) -> bool:
+        return bool(self._call("server ready", None, lambda: self._client().is_server_ready()))
+
+    def model_input_shape(self, model: str) -> list[int]:
+        """Input shape of ``model`` from the server's metadata (batch dim as -1)."""
+        meta = self._call(f"metadata of {model}", model,
+                          lambda: self._client().get_model_metadata(model, as_json=True)
+                          if self.protocol == "grpc" else self._client().get_model_metadata(model))
+        return [int(d) for d in meta["inputs"][0]["shape"]]
+
+    # -- faces --------------------------------------------------------------------------------
+    def vlr_size(self) -> tuple[int, int]:
+        """(w, h) of the ``vlr_face`` ensemble's input, read once from the server."""
+        if self._vlr_size is None:
+            _, _, h, w = self.model_input_shape(self.vlr_model)
+            self._vlr_size = (w, h)
+        return self._vlr_size
+
+    def embed(self, images: Sequence[ImageLike] | np.ndarray, vlr: bool | None = None) -> np.ndarray:
+        """L2-normalised float32 [N, 512] embeddings of ``images`` (paths, PIL images, uint8 arrays).
+
+        ``vlr``: None routes each image by size; True sends every image through ``vlr_face``
+        (degrading HR faces like ingest); False sends every image to the recognizer.
+        """
+        items = list(images)  # a uint8 NHWC array iterates as HWC faces
+        if not items:
+            return np.zeros((0, 512), np.float32)
+        hr_idx, hr_faces, vlr_idx, vlr_faces = [], [], [], []
+        for i, item in enumerate(items):
+            face, is_vlr = self._prepare(item, vlr)
+            (vlr_idx if is_vlr else hr_idx).append(i)
+            (vlr_faces if is_vlr else hr_faces).append(face)
+        out: np.ndarray | None = None
+        for idx, faces, model in ((hr_idx, hr_faces, self.recognizer), (vlr_idx, vlr_faces, self.vlr_model)):
+            if not idx:
+                continue
+            emb = self._embed_batches(model, np.stack(faces))
+            if out is None:
+                out = np.zeros((len(items), emb.shape[1]), np.float32)
+            out[idx] = emb
+        return out
+
+    def _embed_batches(self, model: str, faces: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.infer(model, to_input_numpy(faces[i:i + self.batch_size]))
+                               for i in range(0, len(faces), self.batch_size)])
+
+    def _prepare(self, item: ImageLike, vlr: bool | None) -> tuple[np.ndarray, bool]:
+        img = _load(item)
+        w, h = img.size
+        hr = self.prepare.hr_size
+        is_vlr = (w < hr and h < hr) if vlr is None else vlr
+        if not is_vlr:
+            return prepare_face(img, self.prepare), False
+        vw, vh = self.vlr_size()
+        size = f"{vw}x{vh}"
+        if w >= hr or h >= hr:  # an HR face asked to go VLR: degrade exactly like ingest
+            return degrade(prepare_face(img, self.prepare), size, DegradeConfig(sizes=[size]), seed=0), True
+        img = img.convert("RGB")
+        if img.size != (vw, vh):
+            img = img.resize((vw, vh), Image.Resampling.BICUBIC)
+        return np.asarray(img, dtype=np.uint8), True
+
+    def verify(self, a: ImageLike, b: ImageLike, threshold: float, vlr: bool | None = None) -> VerifyResult:
+        ea, eb = self.embed([a, b], vlr=vlr)
+        score = float(np.dot(ea, eb))
+        return VerifyResult(score, score >= threshold, float(threshold))
+
+    def identify(self, image: ImageLike, gallery, top_k: int = 5, vlr: bool | None = None) -> list[Match]:
+        """Top-``top_k`` gallery identities for ``image`` (a :class:`~faceops.serve.gallery.Gallery`
+        or its URI)."""
+        from faceops.serve.gallery import Gallery
+
+        if not isinstance(gallery, Gallery):
+            gallery = Gallery.load(str(gallery))
+        return gallery.search(self.embed([image], vlr=vlr)[0], top_k)
+
+
+def _load(item: ImageLike) -> Image.Image:
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim not in (2, 3):
+            raise InvalidInputError(f"image arrays must be uint8 HxW or HxWx3, got {item.dtype} {item.shape}")
+        return Image.fromarray(item)
+    path = Path(item)
+    if not path.is_file():
+        raise FaceopsError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except OSError as exc:
+        raise FaceopsError(f"{path} is not a readable image: {exc}") from None

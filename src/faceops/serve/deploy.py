@@ -1,0 +1,77 @@
+"""The deploy step: prove the repository is served correctly, locally or on the cluster.
+
+On a cluster Triton polls the model repository in MinIO, so deploying is publishing the repository
+(the export step) and then checking the live server; locally the bundled Triton is started on the
+repository for the check and stopped again. Either way the served embeddings must equal ONNX Runtime
+on the same ``model.onnx`` — the same parity promise the export step makes against PyTorch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+from faceops.data.tensors import to_input_numpy
+from faceops.errors import FaceopsError
+from faceops.export.onnx_export import run_onnx
+from faceops.export.triton_repo import validate_repository, versions
+from faceops.serve.client import RECOGNIZER, FaceClient
+from faceops.storage import open_store
+
+log = logging.getLogger(__name__)
+
+SERVE_TOLERANCE = 1e-4  # max |gRPC - in-process ORT| on the embeddings
+
+
+def _sample_faces(dataset_uri: str | None, n: int) -> np.ndarray:
+    if dataset_uri:
+        from faceops.data.reader import load_split
+
+        return load_split(dataset_uri, "test", views=["hr"]).hr[:n]
+    return np.random.default_rng(0).integers(0, 256, (n, 112, 112, 3), dtype=np.uint8)
+
+
+def check_server(url: str, repo_uri: str, faces: np.ndarray, timeout_s: float = 120.0) -> dict:
+    """Every repository model READY on ``url``; recognizer embeddings equal ORT in-process."""
+    store = open_store(repo_uri)
+    models = sorted(validate_repository(store))
+    client = FaceClient(url, timeout=30.0)
+    deadline = time.monotonic() + timeout_s
+    while not client.ready():
+        if time.monotonic() > deadline:
+            raise FaceopsError(f"Triton at {url} is not ready after {timeout_s:.0f} s")
+        time.sleep(1.0)
+    grpc = client._client()
+    not_ready = [m for m in models if not grpc.is_model_ready(m)]
+    if not_ready:
+        raise FaceopsError(f"Triton at {url} does not serve {not_ready} from {repo_uri} "
+                           "(check the server's model-control mode and its log)")
+    t0 = time.perf_counter()
+    served = client.infer(RECOGNIZER, to_input_numpy(faces))
+    latency_ms = (time.perf_counter() - t0) * 1e3
+    latest = versions(store, RECOGNIZER)[-1]
+    session = ort.InferenceSession(store.get_bytes(f"{RECOGNIZER}/{latest}/model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    reference = run_onnx(session, to_input_numpy(faces))
+    diff = float(np.abs(served - reference).max())
+    if diff > SERVE_TOLERANCE:
+        raise FaceopsError(f"served embeddings differ from {RECOGNIZER} v{latest} in-process by {diff:.2e} "
+                           f"(> {SERVE_TOLERANCE:g})")
+    log.info("deploy check on %s: %d models ready, max |served - onnx| %.2e, batch %d in %.1f ms", url,
+             len(models), diff, len(faces), latency_ms)
+    return {"url": url, "models": models, "models_ready": len(models), "max_abs_diff": diff,
+            "batch": len(faces), "latency_ms": latency_ms, "recognizer_version": latest}
+
+
+def smoke_test(repo_uri: str, dataset_uri: str | None = None, triton_url: str | None = None,
+               n: int = 8) -> dict:
+    faces = _sample_faces(dataset_uri, n)
+    if triton_url:
+        return check_server(triton_url, repo_uri, faces)
+    from faceops.serve.local import LocalTriton
+
+    with LocalTriton(repo_uri) as server:
+        return {**check_server(server.grpc_url, repo_uri, faces), "url": "local (stopped after the check)"}

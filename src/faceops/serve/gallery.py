@@ -1,0 +1,86 @@
+"""Identification gallery: embeddings + labels of known faces, stored as one npz in the store."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from faceops.errors import FaceopsError
+from faceops.storage import split_uri
+
+
+def object_of(uri: str):
+    """(store, key) of an object URI; a plain (relative) path is resolved first."""
+    if "://" not in uri:
+        uri = str(Path(uri).expanduser().resolve())
+    return split_uri(uri)
+
+
+@dataclass
+class Gallery:
+    embeddings: np.ndarray  # float32 [N, D], L2-normalised
+    labels: np.ndarray  # int64 [N], index into identities
+    identities: list[str]  # name of each label
+    image_ids: list[str]  # the dataset image of each row
+
+    def search(self, query: np.ndarray, top_k: int = 5):
+        """Identities ranked by their best cosine to ``query`` (one embedding)."""
+        from faceops.serve.client import Match
+
+        if len(self.embeddings) == 0:
+            raise FaceopsError("the gallery is empty: build it with "
+                               "'faceops gallery build DATASET --out URI'")
+        q = query / max(float(np.linalg.norm(query)), 1e-12)
+        scores = self.embeddings @ q
+        best: dict[int, int] = {}
+        for row in np.argsort(-scores):
+            best.setdefault(int(self.labels[row]), int(row))
+        ranked = sorted(best.items(), key=lambda kv: -scores[kv[1]])[:top_k]
+        return [Match(self.identities[label], float(scores[row]), self.image_ids[row])
+                for label, row in ranked]
+
+    def save(self, uri: str) -> str:
+        buf = io.BytesIO()
+        np.savez(buf, embeddings=self.embeddings.astype(np.float32), labels=self.labels.astype(np.int64),
+                 identities=np.array(json.dumps(self.identities)),
+                 image_ids=np.array(json.dumps(self.image_ids)))
+        store, key = object_of(uri)
+        store.put_bytes(key, buf.getvalue())
+        return store.url(key)
+
+    @classmethod
+    def load(cls, uri: str) -> Gallery:
+        store, key = object_of(uri)
+        try:
+            with np.load(io.BytesIO(store.get_bytes(key)), allow_pickle=False) as z:
+                return cls(z["embeddings"], z["labels"], json.loads(str(z["identities"])),
+                           json.loads(str(z["image_ids"])))
+        except (KeyError, ValueError) as exc:
+            raise FaceopsError(f"{uri} is not a faceops gallery (npz with embeddings, labels, identities, "
+                               f"image_ids): {exc}") from None
+
+
+def build_gallery(client, dataset_uri: str, split: str = "test", vlr: bool | None = None) -> Gallery:
+    """Embed every HR image of ``split`` through ``client`` (the served model)."""
+    from faceops.data.reader import load_split
+
+    data = load_split(dataset_uri, split, views=["hr"])
+    if len(data) == 0:
+        raise FaceopsError(f"{dataset_uri} split {split!r} has no images to build a gallery from")
+    embeddings = client.embed(data.hr, vlr=vlr)
+    return Gallery(embeddings.astype(np.float32), data.labels, list(data.identities), list(data.image_ids))
+
+
+def threshold_from_metrics(uri: str) -> float:
+    """``verification.threshold`` of an evaluation's metrics.json (a path or store URI)."""
+    store, key = object_of(uri)
+    try:
+        metrics = json.loads(store.get_bytes(key))
+        return float(metrics["verification"]["threshold"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FaceopsError(f"{uri} has no verification.threshold (an evaluation's metrics.json): "
+                           f"{exc}") from None

@@ -1,0 +1,203 @@
+"""Pipeline stages: what each KFP component runs, as plain functions of strings and numbers.
+
+Components (``faceops.components``) only map KFP artifacts to these arguments; the CLI and tests
+call the same functions. A stage takes the run's config as YAML text (it never holds secrets:
+endpoints and credentials come from the environment / a Kubernetes Secret) and returns a dict of
+URIs and figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from faceops import config
+from faceops.errors import FaceopsError
+from faceops.storage import open_store, split_uri
+
+log = logging.getLogger(__name__)
+
+SYNTH_PREFIX = "synth://"
+
+
+def section(config_yaml: str, name: str) -> dict:
+    data = yaml.safe_load(config_yaml or "") or {}
+    if not isinstance(data, dict):
+        raise config.ConfigError("<pipeline config>: the top level must be a mapping of sections")
+    return data.get(name) or {}
+
+
+@contextmanager
+def stage_log(log_dir: str | None, stage: str):
+    """Also write this stage's log to ``<log_dir>/<stage>.log`` (what `faceops run` points to)."""
+    if not log_dir:
+        yield None
+        return
+    path = Path(log_dir) / f"{stage}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield path
+    except Exception as exc:
+        log.error("stage %s failed: %s", stage, exc, exc_info=not isinstance(exc, FaceopsError))
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _synth_source(source: str, cfg: dict, tmp: str) -> str:
+    """``synth://`` -> synthetic faces (counts and seed from the config's ``synth`` section)."""
+    from faceops.data.synth import synthesize
+
+    ids = int(cfg.get("identities", 40))
+    per = int(cfg.get("images_per_identity", 12))
+    return str(synthesize(Path(tmp) / "synth", ids, per, int(cfg.get("seed", 0)), progress=False))
+
+
+def ingest_stage(source: str, name: str, store_uri: str, config_yaml: str = "", pairs_file: str = "",
+                 log_dir: str = "") -> dict:
+    from faceops.data.ingest import IngestConfig, format_summary, ingest
+
+    with stage_log(log_dir, "ingest"), tempfile.TemporaryDirectory(prefix="faceops-src-") as tmp:
+        cfg = config.from_dict(IngestConfig, section(config_yaml, "ingest"), "<pipeline config>: ingest")
+        if source.startswith(SYNTH_PREFIX):
+            source = _synth_source(source, section(config_yaml, "synth"), tmp)
+        result = ingest(source, name, store_uri, cfg, pairs_file=pairs_file or None)
+        log.info("ingest summary:\n%s", format_summary(result))
+        print(format_summary(result), flush=True)
+        return {"uri": result.uri, "content_hash": result.content_hash, "summary": result.summary}
+
+
+def train_result(out_uri: str) -> dict:
+    """What a training run left in ``<out>/result.json`` (written by `faceops train`)."""
+    store, key = split_uri(f"{out_uri.rstrip('/')}/result.json")
+    if not store.exists(key):
+        raise FaceopsError(f"training wrote no result.json in {out_uri}: did it finish?")
+    return json.loads(store.get_bytes(key))
+
+
+def train_stage(task: str, dataset_uri: str, out_uri: str, config_yaml: str = "",
+                extra: list[str] | None = None, gpus_per_node: int = 0, nodes: int = 1, resume: bool = True,
+                log_dir: str = "") -> dict:
+    """Train ``task`` (recognizer | dsr | finetune); in-process, torchrun, or a PyTorchJob."""
+    from faceops.train.launch import launch_training
+
+    stage = {"recognizer": "train_recognizer", "dsr": "train_dsr", "finetune": "finetune_edgeface"}[task]
+    with stage_log(log_dir, stage):
+        sets = [f"data={dataset_uri}", f"out={out_uri}", *(extra or [])]
+        rc = launch_training(task, config_yaml, sets, gpus_per_node=gpus_per_node, nodes=nodes, resume=resume)
+        if rc != 0:
+            raise FaceopsError(f"{stage} exited with code {rc}")
+        return train_result(out_uri)
+
+
+def evaluate_stage(model_uri: str, dataset_uri: str, out_uri: str, config_yaml: str = "",
+                   dsr_uris: list[str] | None = None, finetuned_uri: str = "",
+                   vlr_sizes: list[str] | None = None, log_dir: str = "") -> dict:
+    """Evaluate into ``out_uri`` (a folder, or a store URI: written locally, then uploaded).
+    The result carries ``report_dir``, the local folder holding metrics.json and report.html."""
+    from faceops.evaluate.runner import EvalConfig, evaluate
+
+    with stage_log(log_dir, "evaluate"):
+        cfg = config.from_dict(EvalConfig, section(config_yaml, "evaluate"), "<pipeline config>: evaluate")
+        remote = "://" in out_uri and not out_uri.startswith("file://")
+        out_dir = tempfile.mkdtemp(prefix="faceops-eval-") if remote else out_uri.removeprefix("file://")
+        result = evaluate(model_uri, out_dir, data=dataset_uri, dsr=dsr_uris or (),
+                          finetuned=finetuned_uri or None, vlr=vlr_sizes or (), cfg=cfg)
+        if remote:
+            store = open_store(out_uri)
+            for f in sorted(Path(out_dir).iterdir()):
+                store.put_file(f.name, f)
+        return {**result, "report_dir": out_dir}
+
+
+def export_stage(model_uri: str, repo_uri: str, config_yaml: str = "", dsr_uris: list[str] | None = None,
+                 dataset_uri: str = "", int8: bool = False, trt: bool = False, log_dir: str = "") -> dict:
+    from faceops.export.api import export_model
+    from faceops.export.config import ExportConfig
+
+    with stage_log(log_dir, "export"):
+        cfg = config.from_dict(ExportConfig, section(config_yaml, "export"), "<pipeline config>: export")
+        return export_model(model_uri, repo_uri, int8=int8, trt=trt, dsr_uri=dsr_uris or None,
+                            calib_dataset=dataset_uri or None, cfg=cfg)
+
+
+def deploy_stage(repo_uri: str, dataset_uri: str = "", triton_url: str = "", log_dir: str = "") -> dict:
+    """``triton_url`` defaults to ``FACEOPS_TRITON_URL`` (the chart's ConfigMap on a cluster)."""
+    """Cluster: check the served models on ``triton_url`` (Triton polls the repository in MinIO).
+    Local: start the bundled Triton on the repository, check every model is READY and that
+    embeddings over gRPC match the repository's ONNX model, then stop it."""
+    from faceops.serve.deploy import smoke_test
+
+    with stage_log(log_dir, "deploy"):
+        url = triton_url or os.environ.get("FACEOPS_TRITON_URL") or None
+        return smoke_test(repo_uri, dataset_uri=dataset_uri or None, triton_url=url)
+
+
+def dsr_args(recognizer_uri: str, vlr_size: str) -> list[str]:
+    """``--set`` overrides wiring DSR training to this run's recognizer and VLR size."""
+    return [f"recognizer={recognizer_uri}", f"vlr_size={vlr_size}"]
+
+
+def finetune_args(recognizer_uri: str, dsr_uri: str, vlr_size: str) -> list[str]:
+    """``--set`` overrides wiring the fine-tune to the recognizer and DSR of this run."""
+    sets = [f"init_from={recognizer_uri}", f"dsr={dsr_uri}"]
+    return sets + ([f"vlr_size={vlr_size}"] if vlr_size else [])
+
+
+def log_training(result: dict, model, metrics, kind: str) -> None:
+    """Fill a component's Model/Metrics artifacts from a training result."""
+    model.metadata.update({"uri": result["model"], "kind": kind, "steps": result["steps"]})
+    if result.get("vlr_size"):
+        model.metadata["vlr_size"] = result["vlr_size"]
+    last = result["history"][-1] if result.get("history") else {}
+    for k, v in last.items():
+        if isinstance(v, float) and v == v:  # NaN-free floats only
+            metrics.log_metric(k, v)
+    metrics.log_metric("nan_events", float(sum(result["nan_events"].values())))
+    with open(model.path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def log_evaluation(result: dict, metrics, report) -> None:
+    """Evaluation figures to a Metrics artifact; report.html (PNGs inlined) to an HTML artifact."""
+    from faceops.evaluate.runner import flatten_metrics
+
+    for k, v in flatten_metrics({k: v for k, v in result.items() if k != "report_dir"}).items():
+        metrics.log_metric(k, v)
+    Path(report.path).write_text(inline_images(Path(result["report_dir"]) / "report.html"))
+    report.metadata["uri"] = result["report_dir"]
+
+
+def log_export(result: dict, repo_uri: str, repo) -> None:
+    repo.metadata.update({"uri": repo_uri, "models": sorted(result.get("models", {}))})
+    with open(repo.path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+
+
+def inline_images(html_path: Path) -> str:
+    """The report with its PNGs embedded, so it renders as one file (KFP's HTML visualisation)."""
+    import base64
+    import re
+
+    html = html_path.read_text()
+
+    def embed(m: re.Match) -> str:
+        png = html_path.parent / m.group(1)
+        if not png.is_file():
+            return m.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"'
+
+    return re.sub(r'src="([^"/:]+\.png)"', embed, html)

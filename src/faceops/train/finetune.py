@@ -1,0 +1,281 @@
+"""Two-stage fine-tuning of an EdgeFace recognizer on DSR outputs of VLR faces (seeds 003 and 004).
+
+The network input is the frozen DSR model's output for the VLR view (eval mode, no gradients); a
+fraction ``hr_mix`` of every batch can be the HR image instead, so the model keeps working on HR
+faces. Stage 1 (``stage1_epochs``) trains the embedding head and the margin head with the backbone
+frozen; stage 2 unfreezes the backbone at a much lower learning rate. The stage follows from the
+epoch number alone (the engine's ``on_epoch_start`` hook), so resuming across the switch lands in
+the same state as an uninterrupted run. The result is a recognizer checkpoint (kind ``recognizer``,
+served as ``recognizer``) that records the DSR model and VLR view it was tuned for.
+
+The optimiser holds both parameter groups from the start (a frozen parameter has no gradient, so
+AdamW leaves it and its state alone); a stage only sets ``requires_grad`` and the groups' base LRs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from faceops.config import check, from_dict, to_dict
+from faceops.data.augment import AugmentConfig
+from faceops.data.manifest import DatasetError, load_manifest
+from faceops.data.reader import LoaderConfig, SplitData, load_split
+from faceops.errors import FaceopsError
+from faceops.models import MarginHeadConfig, RecognizerConfig
+from faceops.train.engine import Engine, EngineConfig, FitResult, OptimConfig, ScheduleConfig, resolve_device
+from faceops.train.losses import Frozen
+from faceops.train.recognizer import (
+    RecognizerTask,
+    RecognizerTrainConfig,
+    embed_arrays,
+    fit_task,
+    prepare_start,
+    validate_embeddings,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _finetune_augment() -> AugmentConfig:
+    # seed 003 fine-tune: flip 0.5, rotation 5 deg, colour jitter 0.07/0.07/0.05; no translation or noise
+    return AugmentConfig(flip_p=0.5, rotate_p=1.0, rotate_deg=5.0, translate=0.0, jitter_p=1.0,
+                         brightness=0.07, contrast=0.07, saturation=0.05, noise_std=0.0)
+
+
+def _finetune_engine() -> EngineConfig:
+    return EngineConfig(
+        clip_grad_norm=1.0,  # seed 004: clipping at 1.0 stopped the NaNs
+        early_stop_patience=10,  # seed 003 (32x32)
+        monitor="val_accuracy", monitor_mode="max",  # verification on DSR outputs of the val split
+        optim=OptimConfig(name="adamw", weight_decay=3e-5),  # seed 003 32x32; LRs come from the stage fields
+        schedule=ScheduleConfig(name="cosine"),
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    data: str | None = None  # dataset URI with the VLR view; --data overrides
+    out: str | None = None  # run output URI; --out overrides
+    dsr: str | None = None  # frozen DSR checkpoint URI; its vlr_size must equal vlr_size
+    vlr_size: str = "32x32"  # VLR view fed through the DSR model
+    init_from: str | None = None  # faceops recognizer checkpoint to start from (its architecture is used)
+    pretrained: str | None = None  # or: a user's EdgeFace weights file (state_dict or TorchScript)
+    pretrained_init_missing: bool = False  # initialise (and list) keys missing from `pretrained` (seed 004)
+    reuse_head: bool = True  # take init_from's margin head when it was trained on the same dataset
+    model: RecognizerConfig = field(default_factory=lambda: RecognizerConfig(name="edgeface_xxs"))
+    #   architecture for `pretrained` (ignored with init_from, whose checkpoint names it)
+    margin: MarginHeadConfig = field(default_factory=MarginHeadConfig)  # ArcFace s=32 m=0.3 (seed 004);
+    #   the 32x32 recipe uses m=0.45
+    label_smoothing: float = 0.08  # seed 003 32x32
+    stage1_epochs: int = 5  # head-only epochs (seed 004: epochs 1-5)
+    stage2_epochs: int = 25  # full-model epochs (seed 003 32x32: 25)
+    head_lr: float = 9e-4  # stage 1 embedding + margin head LR (seed 003; stable variant 1e-4)
+    head_lr_stage2: float = 6e-5  # stage 2 head LR (seed 003; stable variant 3e-5)
+    backbone_lr: float = 6e-6  # stage 2 backbone LR (seed 003; stable variant 3e-6)
+    hr_mix: float = 0.0  # fraction of each batch fed as HR instead of DSR(VLR), to keep HR accuracy
+    loader: LoaderConfig = field(default_factory=lambda: LoaderConfig(batch_size=28,
+                                                                      augment=_finetune_augment()))
+    #   batch 28 (seed 003 32x32); loader.vlr_view follows vlr_size
+    engine: EngineConfig = field(default_factory=_finetune_engine)  # engine.epochs = stage1 + stage2
+    val_split: str = "val"
+    validate_hr: bool = True  # also report val_hr_accuracy (HR faces) each epoch
+    eval_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.label_smoothing < 1.0, "finetune.label_smoothing must be in [0, 1)")
+        check(0.0 <= self.hr_mix <= 1.0, f"finetune.hr_mix must be a fraction in [0, 1], got {self.hr_mix}")
+        total = self.stage1_epochs + self.stage2_epochs
+        check(min(self.stage1_epochs, self.stage2_epochs) >= 0 and total > 0,
+              "finetune.stage1_epochs and stage2_epochs must be >= 0 with at least one epoch in all")
+        for name in ("head_lr", "head_lr_stage2", "backbone_lr"):
+            check(getattr(self, name) > 0, f"finetune.{name} must be > 0, got {getattr(self, name)}")
+        check(self.loader.vlr_view in (None, self.vlr_size),
+              f"finetune.loader.vlr_view {self.loader.vlr_view!r} disagrees with finetune.vlr_size "
+              f"{self.vlr_size!r}: set finetune.vlr_size only")
+        self.loader.vlr_view = self.vlr_size
+        self.engine.epochs = self.stage1_epochs + self.stage2_epochs
+
+    def recognizer_config(self) -> RecognizerTrainConfig:
+        """The recognizer-task view of this config (what RecognizerTask and prepare_start read)."""
+        return RecognizerTrainConfig(
+            data=self.data, out=self.out, model=self.model, margin=self.margin, loader=self.loader,
+            engine=self.engine, label_smoothing=self.label_smoothing, pretrained=self.pretrained,
+            pretrained_init_missing=self.pretrained_init_missing, init_from=self.init_from,
+            val_split=self.val_split, eval_batch_size=self.eval_batch_size)
+
+
+FINETUNE_RECIPES = {  # seed 003 (32x32 and the 14x16 it came from) and seed 004's stable variant
+    "32x32": {"head_lr": 9e-4, "head_lr_stage2": 6e-5, "backbone_lr": 6e-6, "stage2_epochs": 25,
+              "label_smoothing": 0.08, "margin": {"m": 0.45}, "loader": {"batch_size": 28},
+              "engine": {"early_stop_patience": 10, "optim": {"weight_decay": 3e-5}}},
+    "14x16": {"vlr_size": "14x16", "head_lr": 1e-3, "head_lr_stage2": 5e-5, "backbone_lr": 5e-6,
+              "stage2_epochs": 20, "label_smoothing": 0.1, "margin": {"m": 0.5},
+              "loader": {"batch_size": 32, "vlr_view": None},
+              "engine": {"early_stop_patience": 8, "optim": {"weight_decay": 5e-5}}},
+    "stable": {"head_lr": 1e-4, "head_lr_stage2": 3e-5, "backbone_lr": 3e-6, "margin": {"s": 32.0, "m": 0.3}},
+}
+
+
+def merged(base: dict, over: dict) -> dict:
+    """``over`` laid onto ``base``, recursively (recipes change a few nested keys of a full config)."""
+    out = dict(base)
+    for key, value in over.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if nested else value
+    return out
+
+
+def finetune_recipe(name: str = "32x32") -> FinetuneConfig:
+    """A seed recipe as a config: ``32x32``, ``14x16`` or ``stable`` (seed 004's NaN-free variant)."""
+    if name not in FINETUNE_RECIPES:
+        raise FaceopsError(f"unknown fine-tune recipe {name!r}; choose one of {sorted(FINETUNE_RECIPES)}")
+    return from_dict(FinetuneConfig, merged(to_dict(FinetuneConfig()), FINETUNE_RECIPES[name]),
+                     f"fine-tune recipe {name}")
+
+
+# -- the task ---------------------------------------------------------------------------------------
+class FrozenDSR(Frozen):
+    """The DSR model as the recognizer's input function: eval mode, no graph, no gradients."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.net(x)
+
+
+class FinetuneTask(RecognizerTask):
+    stage = "finetune_edgeface"
+    kind = "recognizer"
+
+    def __init__(self, cfg: FinetuneConfig, train: SplitData, val: SplitData | None, device: torch.device,
+                 dsr: nn.Module):
+        self.ft = cfg
+        self.dsr = FrozenDSR(dsr).to(device)
+        super().__init__(cfg.recognizer_config(), train, val, device, input_view=cfg.vlr_size,
+                         input_fn=self.dsr)
+        self.current_stage = 0
+
+    # -- the two stages
+    def stage_for(self, epoch: int) -> int:
+        return 1 if epoch < self.ft.stage1_epochs else 2
+
+    def stage_lrs(self, stage: int) -> dict[str, float]:
+        """Base LR per optimiser group; a frozen backbone gets 0 so nothing can move it."""
+        if stage == 1:
+            return {"backbone": 0.0, "head": self.ft.head_lr}
+        return {"backbone": self.ft.backbone_lr, "head": self.ft.head_lr_stage2}
+
+    def apply_stage(self, epoch: int, engine: Engine) -> None:
+        """``on_epoch_start`` hook: freeze/unfreeze and set the group LRs for ``epoch``'s stage."""
+        stage = self.stage_for(epoch)
+        self.model.backbone.requires_grad_(stage == 2)
+        lrs = self.stage_lrs(stage)
+        sched = engine.scheduler
+        for i, group in enumerate(engine.optimizer.param_groups):
+            group["initial_lr"] = sched.base_lrs[i] = lrs[group["name"]]
+        engine._apply_lr_scale()  # lr = base * schedule factor * NaN-rollback scale
+        if stage != self.current_stage:
+            log.info("%s: epoch %d: stage %d (%s), LRs %s", self.stage, epoch + 1, stage,
+                     "head only, backbone frozen" if stage == 1 else "backbone unfrozen",
+                     {k: f"{v:.1e}" for k, v in lrs.items()})
+            self.current_stage = stage
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = super().param_groups()
+        return {"backbone": groups["backbone"], "head": groups["head"]}
+
+    # -- training and validation
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.current_stage == 1:
+            self.model.backbone.eval()  # frozen backbone: no BatchNorm statistics move either
+        x = self.dsr(batch["vlr"])
+        n_hr = round(self.ft.hr_mix * len(x))  # batches are shuffled: the first n_hr are a random subset
+        if n_hr:
+            x = torch.cat([batch["hr"][:n_hr], x[n_hr:]])
+        emb = self.wrapped["model"](x)
+        logits, labels = self.wrapped["head"](emb, batch["label"])
+        loss = self.criterion(logits, labels)
+        return loss, {"acc": (logits.detach().argmax(1) == labels).float().mean().item()}
+
+    def validate(self) -> dict[str, float]:
+        figures = super().validate()
+        if figures and self.ft.validate_hr:
+            emb = embed_arrays(self.model, self.val.hr, self.cfg.eval_batch_size, self.device)
+            hr = validate_embeddings(emb, self.val)
+            if "val_accuracy" in hr:
+                figures["val_hr_accuracy"] = hr["val_accuracy"]
+        return figures
+
+    def checkpoint_meta(self) -> dict:
+        return {**super().checkpoint_meta(), "dsr": self.ft.dsr, "vlr_size": self.ft.vlr_size,
+                "finetune_stage": self.current_stage, "hr_mix": self.ft.hr_mix}
+
+
+# -- entry point ------------------------------------------------------------------------------------
+def load_frozen_dsr(uri: str, vlr_size: str) -> nn.Module:
+    from faceops.train.checkpoint import load_model
+
+    model, meta = load_model(uri)
+    size = meta.get("vlr_size") or (meta.get("model_config") or {}).get("vlr_size")
+    if meta.get("kind") != "dsr":
+        raise FaceopsError(f"finetune.dsr {uri} is a {meta.get('kind')!r} checkpoint, not a DSR model")
+    if size != vlr_size:
+        raise FaceopsError(f"finetune.dsr {uri} was trained for {size}, but finetune.vlr_size is {vlr_size}: "
+                           "use the DSR model of that size or set finetune.vlr_size")
+    return model
+
+
+def _start_model(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict | None]:
+    """With ``init_from``, the checkpoint's architecture replaces ``cfg.model``; returns its head too."""
+    if not cfg.init_from:
+        if not cfg.pretrained:
+            log.warning("finetune: neither init_from nor pretrained is set: fine-tuning a random %s",
+                        cfg.model.name)
+        return cfg, None
+    from faceops.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(cfg.init_from)
+    if ckpt["kind"] != "recognizer":
+        raise FaceopsError(f"finetune.init_from {cfg.init_from} is a {ckpt['kind']} checkpoint, "
+                           "not a recognizer")
+    model_cfg = from_dict(RecognizerConfig, ckpt["model_config"], f"{cfg.init_from} model_config")
+    return replace(cfg, model=model_cfg), ckpt
+
+
+def _load_head(task: FinetuneTask, ckpt: dict, dataset_hash: str) -> bool:
+    """Reuse the start checkpoint's class centres when they belong to the same identities."""
+    head = ckpt.get("head")
+    if head is None or ckpt.get("dataset_hash") != dataset_hash:
+        return False
+    if any(head[k].shape != v.shape for k, v in task.head.state_dict().items() if k in head):
+        return False
+    task.head.load_state_dict(head)
+    return True
+
+
+def finetune_edgeface(cfg: FinetuneConfig, resume: bool = False) -> FitResult:
+    """Fine-tune a recognizer on DSR outputs of ``cfg.data``'s VLR view; checkpoints go to ``cfg.out``."""
+    if not cfg.data or not cfg.out or not cfg.dsr:
+        raise FaceopsError("fine-tuning needs a dataset (--data or finetune.data), an output URI (--out or "
+                           "finetune.out) and the DSR checkpoint (finetune.dsr=URI)")
+    manifest = load_manifest(cfg.data)
+    view = f"vlr_{cfg.vlr_size}"
+    if view not in manifest["views"]:
+        raise DatasetError(f"{cfg.data} has no VLR view {cfg.vlr_size} (views: "
+                           f"{', '.join(manifest['views'])})")
+    cfg, start = _start_model(cfg)
+    train = load_split(cfg.data, "train", views=["hr", view])
+    has_val = cfg.val_split in manifest["shards"]
+    val = load_split(cfg.data, cfg.val_split, views=["hr", view]) if has_val else None
+    device = resolve_device(cfg.engine.device)
+    task = FinetuneTask(cfg, train, val, device, load_frozen_dsr(cfg.dsr, cfg.vlr_size))
+    prepare_start(task.model, task.cfg)
+    if start is not None and cfg.reuse_head and _load_head(task, start, manifest["content_hash"]):
+        log.info("finetune: margin head taken from %s (same dataset)", cfg.init_from)
+    log.info("fine-tuning %s on DSR(%s) of %d images: %d head-only + %d full epochs", cfg.model.name,
+             cfg.vlr_size, len(train), cfg.stage1_epochs, cfg.stage2_epochs)
+    return fit_task(task, train, cfg.loader, cfg.engine, cfg.out, to_dict(cfg), manifest["content_hash"],
+                    resume, on_epoch_start=task.apply_stage)

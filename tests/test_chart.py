@@ -1,0 +1,396 @@
+"""The Helm chart (charts/faceops): renders, lints, validates against the Kubernetes schemas, and wires
+GPUs, the s3:// model repository, the S3 Secret, security contexts, network policies and monitoring.
+
+Rendering uses the Helm v4 SDK through helm-python-sdk (no helm binary, no cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (pip install it)")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed")
+
+CHART = Path(__file__).resolve().parents[1] / "charts" / "faceops"
+KUBE_VERSION = "1.32"
+RELEASE, NAMESPACE = "faceops", "faceops"
+CRD_GROUPS = ("monitoring.coreos.com/",)  # Prometheus Operator CRDs: no schema in kubernetes-validate
+WORKLOADS = ("Deployment", "Job", "Pod")
+
+
+def ci_values(name: str) -> dict:
+    return yaml.safe_load((CHART / "ci" / f"{name}.yaml").read_text())
+
+
+SCENARIOS = {
+    "default": {},
+    "gpu": ci_values("gpu-values"),
+    "external-s3": ci_values("external-s3-values"),
+}
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart, values: dict | None = None, name: str = RELEASE) -> list[dict]:
+    """All rendered objects (hooks and test pods included), NOTES.txt left out."""
+    manifests = chart.render(values=values or {}, name=name, namespace=NAMESPACE)
+    docs = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return docs
+
+
+def only(docs: list[dict], kind: str, component: str | None = None) -> dict:
+    found = of_kind(docs, kind, component)
+    assert len(found) == 1, f"expected one {kind} ({component}), got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def of_kind(docs: list[dict], kind: str, component: str | None = None) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind and (
+        component is None or d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component)]
+
+
+def pod_spec(doc: dict) -> dict:
+    return doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
+
+
+def triton_container(docs: list[dict]) -> dict:
+    (container,) = pod_spec(only(docs, "Deployment", "triton"))["containers"]
+    return container
+
+
+def env_by_name(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+# --- rendering, lint, schema validation -----------------------------------------------------------
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_lint_clean(scenario):
+    report = helm.lint(CHART, SCENARIOS[scenario], strict=True, namespace=NAMESPACE)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+
+
+def test_lint_reports_bad_values():
+    report = helm.lint(CHART, {"triton": {"modelControl": {"mode": "sometimes"}}}, strict=True,
+                       namespace=NAMESPACE)
+    assert any(m["severity"] >= 3 for m in report["messages"]), report
+    assert "/triton/modelControl/mode" in json.dumps(report)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_manifest_validates_against_kubernetes_schemas(chart, scenario):
+    docs = render(chart, SCENARIOS[scenario])
+    checked = 0
+    for doc in docs:
+        if doc["apiVersion"].startswith(CRD_GROUPS):
+            continue
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        checked += 1
+    assert checked >= 12
+
+
+def test_schema_validation_is_strict(chart):
+    deployment = only(render(chart), "Deployment", "triton")
+    deployment["spec"]["template"]["spec"]["containers"][0]["resource"] = {}  # typo of "resources"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_ci_values_satisfy_the_schema(chart, scenario):
+    chart.validate_schema(SCENARIOS[scenario])
+
+
+@pytest.mark.parametrize("bad", [
+    {"triton": {"modelControl": {"mode": "sometimes"}}},
+    {"triton": {"gpu": {"count": -1}}},
+    {"triton": {"ports": {"http": 70000}}},
+    {"minio": {"resources": {"limits": {"cpu": "lots"}}}},
+    {"s3": {"buckets": ["Not_A_Bucket"]}},
+    {"tritonn": {"enabled": True}},  # a typo in a key
+], ids=["mode", "gpu-count", "port", "quantity", "bucket", "unknown-key"])
+def test_schema_rejects_bad_values(chart, bad):
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(bad)
+    with pytest.raises(helm.HelmValuesError):
+        chart.render(values=bad, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_names_fit_kubernetes_limits_for_a_long_release_name(chart):
+    long_release = "a-very-long-release-name-for-faceops-that-fills-53-ch"[:53]
+    dns_label = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    for doc in render(chart, {}, name=long_release):
+        name = doc["metadata"]["name"]
+        assert len(name) <= 63 and dns_label.match(name), name
+
+
+# --- Triton ---------------------------------------------------------------------------------------
+
+def test_default_triton_gets_a_gpu_on_gpu_nodes_and_the_s3_repository(chart):
+    docs = render(chart)
+    container = triton_container(docs)
+    spec = pod_spec(only(docs, "Deployment", "triton"))
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert "--model-repository=s3://faceops-minio.faceops.svc:9000/faceops-models/triton" in container["args"]
+    assert "--model-control-mode=poll" in container["args"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000, "grpc": 8001,
+                                                                           "metrics": 8002}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] >= 300
+    assert not of_kind(docs, "HorizontalPodAutoscaler")
+
+
+def test_gpu_values_set_count_node_selector_tolerations_and_autoscaling(chart):
+    docs = render(chart, SCENARIOS["gpu"])
+    deployment = only(docs, "Deployment", "triton")
+    spec, container = pod_spec(deployment), triton_container(docs)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container["resources"]["requests"] == {"cpu": "1", "memory": "4Gi"}  # the defaults stay
+    assert spec["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+    assert {t["key"] for t in spec["tolerations"]} == {"nvidia.com/gpu", "dedicated"}
+    args = container["args"]
+    assert "--model-control-mode=explicit" in args
+    assert [a for a in args if a.startswith("--load-model=")] == [
+        "--load-model=recognizer", "--load-model=dsr", "--load-model=vlr_face"]
+    assert not any(a.startswith("--repository-poll-secs") for a in args)
+    hpa = only(docs, "HorizontalPodAutoscaler", "triton")
+    assert hpa["apiVersion"] == "autoscaling/v2" and "replicas" not in deployment["spec"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "avg_time_queue_us"
+
+
+def test_cpu_only_triton_requests_no_gpu_and_no_gpu_node(chart):
+    docs = render(chart, {"triton": {"gpu": {"count": 0}}})
+    spec, container = pod_spec(only(docs, "Deployment", "triton")), triton_container(docs)
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert "nodeSelector" not in spec and "tolerations" not in spec
+    assert "--allow-gpu-metrics=false" in container["args"]
+
+
+def test_external_s3_endpoint_replaces_minio(chart):
+    docs = render(chart, SCENARIOS["external-s3"])
+    assert not of_kind(docs, "Deployment", "minio") and not of_kind(docs, "PersistentVolumeClaim")
+    assert not of_kind(docs, "Secret"), "an existing Secret is used, none generated"
+    container = triton_container(docs)
+    assert ("--model-repository=s3://https://minio.storage.svc.cluster.local:443/faceops-models/triton"
+            in container["args"])
+    env = env_by_name(container)
+    for name, key in (("AWS_ACCESS_KEY_ID", "FACEOPS_S3_ACCESS_KEY"),
+                      ("AWS_SECRET_ACCESS_KEY", "FACEOPS_S3_SECRET_KEY")):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "shared-minio-credentials", "key": key}
+    assert env["AWS_DEFAULT_REGION"]["value"] == "eu-west-1"
+    (job_container,) = pod_spec(only(docs, "Job", "buckets"))["containers"]
+    assert job_container["envFrom"] == [{"secretRef": {"name": "shared-minio-credentials"}}]
+    assert only(docs, "Role", "kfp")["metadata"]["namespace"] == "kubeflow-user-example-com"
+
+
+def test_external_s3_needs_an_endpoint_and_credentials(chart):
+    with pytest.raises(helm.HelmRenderError, match=r"s3\.endpoint"):
+        chart.render(values={"minio": {"enabled": False}}, name=RELEASE, namespace=NAMESPACE)
+    with pytest.raises(helm.HelmRenderError, match=r"s3\.accessKey"):
+        chart.render(values={"minio": {"enabled": False}, "s3": {"endpoint": "s3.example.com:443"}},
+                     name=RELEASE, namespace=NAMESPACE)
+
+
+# --- Secret wiring --------------------------------------------------------------------------------
+
+S3_KEYS = {"FACEOPS_S3_ENDPOINT", "FACEOPS_S3_ACCESS_KEY", "FACEOPS_S3_SECRET_KEY", "FACEOPS_S3_SECURE",
+           "FACEOPS_S3_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
+
+
+def test_generated_secret_feeds_minio_triton_and_the_pipelines(chart):
+    docs = render(chart)
+    secrets = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in of_kind(docs, "Secret")}
+    assert set(secrets) == {(NAMESPACE, "faceops-s3"), ("kubeflow", "faceops-s3")}
+    release_secret = secrets[(NAMESPACE, "faceops-s3")]["stringData"]
+    assert set(release_secret) == S3_KEYS
+    assert secrets[("kubeflow", "faceops-s3")]["stringData"] == release_secret  # one set of credentials
+    assert release_secret["FACEOPS_S3_ENDPOINT"] == "faceops-minio.faceops.svc:9000"
+    assert release_secret["FACEOPS_S3_SECURE"] == "false"
+    assert len(release_secret["FACEOPS_S3_SECRET_KEY"]) >= 32
+    assert release_secret["AWS_ACCESS_KEY_ID"] == release_secret["FACEOPS_S3_ACCESS_KEY"]
+    (minio,) = pod_spec(only(docs, "Deployment", "minio"))["containers"]
+    minio_env = env_by_name(minio)
+    assert minio_env["MINIO_ROOT_USER"]["valueFrom"]["secretKeyRef"]["name"] == "faceops-s3"
+    assert env_by_name(triton_container(docs))["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "faceops-s3", "key": "FACEOPS_S3_SECRET_KEY"}
+
+
+def test_credentials_appear_only_in_the_generated_secret(chart):
+    values = {"minio": {"enabled": False},
+              "s3": {"endpoint": "s3.example.com:443", "secure": True,
+                     "accessKey": "AKIAFACEOPSTEST", "secretKey": "s3cr3t-value-for-the-test-0123456789"}}
+    manifests = chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
+    for path, text in manifests.items():
+        docs = [d for d in yaml.safe_load_all(text) if d] if not path.endswith("NOTES.txt") else []
+        for doc in docs:
+            if doc["kind"] == "Secret":
+                assert doc["stringData"]["FACEOPS_S3_ACCESS_KEY"] == "AKIAFACEOPSTEST"
+                continue
+            dumped = yaml.safe_dump(doc)
+            assert "AKIAFACEOPSTEST" not in dumped and "s3cr3t-value" not in dumped, (path, doc["kind"])
+        if path.endswith("NOTES.txt"):
+            assert "AKIAFACEOPSTEST" not in text and "s3cr3t-value" not in text
+
+
+def test_random_credentials_stay_out_of_everything_but_the_secret(chart):
+    docs = render(chart)
+    secret = only([d for d in of_kind(docs, "Secret") if d["metadata"]["namespace"] == NAMESPACE], "Secret")
+    secret_key = secret["stringData"]["FACEOPS_S3_SECRET_KEY"]
+    access_key = secret["stringData"]["FACEOPS_S3_ACCESS_KEY"]
+    for doc in docs:
+        if doc["kind"] != "Secret":
+            dumped = yaml.safe_dump(doc)
+            assert secret_key not in dumped and access_key not in dumped, doc["kind"]
+
+
+def test_kfp_side_secret_configmap_and_pytorchjob_rbac(chart):
+    docs = render(chart)
+    config = only(docs, "ConfigMap", "kfp")
+    assert config["metadata"]["namespace"] == "kubeflow"
+    assert config["data"]["FACEOPS_PUSHGATEWAY"] == "faceops-pushgateway.faceops.svc:9091"
+    role, binding = only(docs, "Role", "kfp"), only(docs, "RoleBinding", "kfp")
+    (pytorchjobs,) = [r for r in role["rules"] if "pytorchjobs" in r["resources"]]
+    assert pytorchjobs["apiGroups"] == ["kubeflow.org"]
+    assert {"create", "get", "watch"} <= set(pytorchjobs["verbs"])
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
+    assert not of_kind(docs, "ServiceAccount", "kfp")  # KFP brings its own unless asked
+
+
+def test_kfp_in_the_release_namespace_shares_one_secret(chart):
+    docs = render(chart, {"kfp": {"namespace": ""}, "fullnameOverride": "faceops"})
+    assert [(s["metadata"]["namespace"], s["metadata"]["name"]) for s in of_kind(docs, "Secret")] == [
+        (NAMESPACE, "faceops-s3")]
+
+
+# --- security, resources, network policies --------------------------------------------------------
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_pod_is_non_root_and_every_container_hardened_with_resources(chart, scenario):
+    workloads = [d for d in render(chart, SCENARIOS[scenario]) if d["kind"] in WORKLOADS]
+    assert len(workloads) >= 3
+    for doc in workloads:
+        spec = pod_spec(doc)
+        assert spec["securityContext"]["runAsNonRoot"] is True, doc["metadata"]["name"]
+        assert spec["automountServiceAccountToken"] is False
+        for container in spec["containers"] + spec.get("initContainers", []):
+            where = f"{doc['metadata']['name']}/{container['name']}"
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False, where
+            assert security["readOnlyRootFilesystem"] is True, where
+            assert security["capabilities"]["drop"] == ["ALL"], where
+            assert container["resources"]["requests"] and container["resources"]["limits"], where
+
+
+def test_network_policies_select_the_workloads_and_admit_kfp_and_monitoring(chart):
+    docs = render(chart)
+    policies = of_kind(docs, "NetworkPolicy")
+    pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in of_kind(docs, "Deployment")]
+    assert {p["metadata"]["labels"]["app.kubernetes.io/component"] for p in policies} == {
+        "minio", "triton", "pushgateway"}
+    for policy in policies:
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        matches = sum(selector.items() <= labels.items() for labels in pod_labels)
+        assert matches == 1, policy["metadata"]["name"]
+    peers = json.dumps([p["spec"]["ingress"] for p in policies])
+    assert '"kubernetes.io/metadata.name": "kubeflow"' in peers
+    assert '"kubernetes.io/metadata.name": "monitoring"' in peers
+    assert not of_kind(render(chart, {"networkPolicy": {"enabled": False}}), "NetworkPolicy")
+
+
+def test_services_select_existing_pods(chart):
+    docs = render(chart)
+    pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in of_kind(docs, "Deployment")]
+    for service in of_kind(docs, "Service"):
+        selector = service["spec"]["selector"]
+        assert any(selector.items() <= labels.items() for labels in pod_labels), service["metadata"]["name"]
+
+
+def test_labels_follow_helm_conventions(chart):
+    for doc in render(chart):
+        labels = doc["metadata"]["labels"]
+        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by",
+                    "helm.sh/chart"):
+            assert key in labels, (doc["kind"], doc["metadata"]["name"], key)
+
+
+# --- monitoring -----------------------------------------------------------------------------------
+
+def test_prometheus_rule_is_the_plain_rules_file(chart):
+    rule = only(render(chart), "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+
+
+def test_service_monitors_scrape_triton_and_the_pushgateway(chart):
+    docs = render(chart)
+    monitors = {m["metadata"]["labels"]["app.kubernetes.io/component"]: m
+                for m in of_kind(docs, "ServiceMonitor")}
+    assert set(monitors) == {"triton", "pushgateway"}
+    assert monitors["pushgateway"]["spec"]["endpoints"][0]["honorLabels"] is True
+    services = of_kind(docs, "Service")
+    for component, monitor in monitors.items():
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        (service,) = [s for s in services if selector.items() <= s["metadata"]["labels"].items()]
+        ports = {p["name"] for p in service["spec"]["ports"]}
+        assert monitor["spec"]["endpoints"][0]["port"] in ports, component
+    no_crds = render(chart, {"monitoring": {"serviceMonitor": {"enabled": False},
+                                            "prometheusRule": {"enabled": False}}})
+    assert not [d for d in no_crds if d["apiVersion"].startswith(CRD_GROUPS)]
+
+
+def test_grafana_dashboard_ships_in_a_labelled_configmap(chart):
+    config = only(render(chart), "ConfigMap", "dashboard")
+    assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(config["data"]["faceops.json"])
+    assert shipped == json.loads((CHART / "dashboards" / "faceops.json").read_text())
+
+
+def test_dashboard_shows_loss_nan_throughput_evaluation_and_triton_latency():
+    dashboard = json.loads((CHART / "dashboards" / "faceops.json").read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
+    for metric in ("faceops_train_loss", "faceops_nan_events_total", "faceops_train_images_per_second",
+                   "faceops_eval_metric", "nv_inference_queue_duration_us",
+                   "nv_inference_request_duration_us"):
+        assert metric in exprs, metric
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for x in ("x", "y", "w", "h"):
+            assert isinstance(panel["gridPos"][x], int)
+
+
+def test_notes_name_the_endpoints(chart):
+    notes = chart.render(values={}, name=RELEASE, namespace=NAMESPACE)["faceops/templates/NOTES.txt"]
+    assert "s3://faceops-minio.faceops.svc:9000/faceops-models/triton" in notes
+    assert "FACEOPS_PUSHGATEWAY=faceops-pushgateway.faceops.svc:9091" in notes
+
+
+def test_every_optional_feature_switches_off(chart):
+    off = {"enabled": False}
+    values = {"kfp": off, "pushgateway": off, "triton": off, "networkPolicy": off, "tests": off,
+              "s3": {"bucketJob": off}, "minio": {"persistence": off},
+              "monitoring": {"grafanaDashboard": off, "serviceMonitor": off, "prometheusRule": off}}
+    docs = render(chart, values)
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "Secret", "Service", "ServiceAccount"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)

@@ -1,0 +1,286 @@
+"""Export: ONNX contract + parity gate, INT8 accuracy change, TensorRT path, Triton repository."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from google.protobuf import text_format
+from onnx import numpy_helper
+from PIL import Image
+from torch import nn
+from tritonclient.grpc import model_config_pb2 as mc
+
+from faceops.config import to_dict
+from faceops.data.prepare import PrepareConfig, prepare_face
+from faceops.data.tensors import to_input
+from faceops.export import (
+    CalibData,
+    ExportConfig,
+    Int8AccuracyError,
+    ModelConfigError,
+    ParityError,
+    check_parity,
+    export_model,
+    export_modules,
+    export_onnx,
+    int8_accuracy_change,
+    parse_config,
+    quantize_int8,
+    run_onnx,
+    validate_repository,
+    versions,
+)
+from faceops.models import DSRConfig, RecognizerConfig, create_dsr, create_recognizer
+from faceops.storage import open_store
+
+torch.set_num_threads(1)
+
+
+def tiny_recognizer() -> nn.Module:
+    torch.manual_seed(0)
+    return create_recognizer(RecognizerConfig(name="edgeface_xxs")).eval()
+
+
+def tiny_dsr(size: str = "32x32") -> nn.Module:
+    torch.manual_seed(1)
+    return create_dsr(DSRConfig(vlr_size=size, base_channels=16, residual_blocks=2)).eval()
+
+
+def orl_faces(data_dir: Path, people: int, per_person: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real ORL faces prepared exactly like ingest: uint8 [N,112,112,3] and labels."""
+    faces, labels = [], []
+    for person in range(1, people + 1):
+        for k in range(1, per_person + 1):
+            with Image.open(data_dir / "orl" / f"s{person}" / f"{k}.pgm") as img:
+                faces.append(prepare_face(img, PrepareConfig()))
+            labels.append(person)
+    return np.stack(faces), np.asarray(labels)
+
+
+def all_pairs(labels: np.ndarray) -> list[tuple[int, int, bool]]:
+    n = len(labels)
+    return [(a, b, bool(labels[a] == labels[b])) for a in range(n) for b in range(a + 1, n)]
+
+
+def vlr_of(faces: np.ndarray, w: int = 32, h: int = 32) -> np.ndarray:
+    return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC)) for f in faces])
+
+
+# -- ONNX + parity gate ---------------------------------------------------------------------------
+def test_onnx_export_has_contract_names_dynamic_batch_and_passes_parity(tmp_path, data_dir):
+    model = tiny_recognizer()
+    faces, _ = orl_faces(data_dir, people=2, per_person=4)
+    batch = to_input(faces)
+    path = export_onnx(model, tmp_path / "r.onnx", batch[:1], "recognizer", ExportConfig())
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["embedding"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    report = check_parity("recognizer", path, model, batch, ExportConfig())  # batch of 8 though traced on 1
+    assert report.max_abs <= 1e-4 and report.min_cosine >= 0.9999
+    emb = run_onnx(path, batch[:3].numpy())
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_parity_gate_fails_on_perturbed_graph(tmp_path):
+    model = tiny_recognizer()
+    x = torch.rand(4, 3, 112, 112) * 2 - 1
+    path = export_onnx(model, tmp_path / "r.onnx", x[:1], "recognizer", ExportConfig())
+    proto = onnx.load(str(path))
+    fc = next(t for t in proto.graph.initializer if t.name.endswith("fc.weight"))  # the embedding layer
+    weights = numpy_helper.to_array(fc).copy()
+    weights[:, : weights.shape[1] // 4] *= 1.2  # a small edit of one initializer
+    fc.CopyFrom(numpy_helper.from_array(weights, fc.name))
+    onnx.save(proto, str(path))
+    with pytest.raises(ParityError, match=r"parity gate failed for recognizer .*max abs diff .*min cosine"):
+        check_parity("recognizer", path, model, x, ExportConfig())
+
+
+class TracesDifferently(nn.Module):
+    """A recognizer whose traced graph is not the eager model (what the gate exists to catch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_recognizer()
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out.flip(1) if torch.jit.is_tracing() else out
+
+
+def test_export_refuses_a_divergent_graph_and_publishes_nothing(tmp_path):
+    repo = tmp_path / "repo"
+    with pytest.raises(ParityError, match="recognizer"):
+        export_modules(TracesDifferently(), str(repo))
+    assert not repo.exists() or not list(open_store(str(repo)).list())
+
+
+# -- Triton repository ----------------------------------------------------------------------------
+def test_repository_layout_configs_and_new_versions(tmp_path):
+    repo = str(tmp_path / "repo")
+    cfg = ExportConfig(max_batch_size=16, preferred_batch_sizes=[4, 16], max_queue_delay_us=500,
+                       instance_kind="KIND_CPU", instance_count=2, num_versions=2)
+    first = export_modules(tiny_recognizer(), repo, {"32x32": tiny_dsr()}, cfg)
+    second = export_modules(tiny_recognizer(), repo, {"32x32": tiny_dsr()}, cfg)
+    assert {m: r["version"] for m, r in first["models"].items()} == {
+        "recognizer": 1, "dsr": 1, "vlr_fused": 1, "vlr_face": 1}
+    assert all(r["version"] == 2 for r in second["models"].values())
+    store = open_store(repo)
+    assert versions(store, "recognizer") == [1, 2]
+    assert store.exists("recognizer/2/model.onnx") and store.exists("dsr/2/model.onnx")
+    configs = validate_repository(store)
+    for name in configs:  # each file parses with Triton's own protobuf, independently of our writer
+        text_format.Parse(store.get_bytes(f"{name}/config.pbtxt").decode(), mc.ModelConfig())
+    rec = configs["recognizer"]
+    assert rec.platform == "onnxruntime_onnx" and rec.max_batch_size == 16
+    assert [(t.name, t.data_type, list(t.dims)) for t in rec.input] == [
+        ("input", mc.TYPE_FP32, [3, 112, 112])]
+    assert [(t.name, list(t.dims)) for t in rec.output] == [("embedding", [512])]
+    assert list(rec.dynamic_batching.preferred_batch_size) == [4, 16]
+    assert rec.dynamic_batching.max_queue_delay_microseconds == 500
+    assert rec.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and rec.instance_group[0].count == 2
+    assert rec.version_policy.latest.num_versions == 2
+    dsr = configs["dsr"]
+    assert list(dsr.input[0].dims) == [3, 32, 32] and (dsr.output[0].name, list(dsr.output[0].dims)) == (
+        "output", [3, 112, 112])
+    ens = configs["vlr_face"]
+    assert ens.platform == "ensemble"
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["dsr", "recognizer"]
+    assert list(ens.input[0].dims) == [3, 32, 32] and ens.output[0].name == "embedding"
+
+
+def test_two_vlr_sizes_get_size_specific_names(tmp_path):
+    report = export_modules(tiny_recognizer(), str(tmp_path / "repo"),
+                            {"32x32": tiny_dsr("32x32"), "14x16": tiny_dsr("14x16")})
+    expected = {"dsr_32x32", "dsr_14x16", "vlr_face_32x32", "vlr_face_14x16", "recognizer"}
+    assert expected <= set(report["models"])
+    config = parse_config((tmp_path / "repo" / "vlr_face_14x16" / "config.pbtxt").read_text())
+    assert list(config.input[0].dims) == [3, 16, 14]
+
+
+def test_repository_written_to_s3_store(s3_bucket):
+    repo = f"{s3_bucket}/models"
+    export_modules(tiny_recognizer(), repo, {"32x32": tiny_dsr()})
+    store = open_store(repo)
+    assert set(validate_repository(store)) == {"recognizer", "dsr", "vlr_fused", "vlr_face"}
+    assert store.exists("vlr_face/1/ENSEMBLE")  # an ensemble's version folder exists in S3 too
+
+
+def test_parse_config_rejects_invalid_text():
+    with pytest.raises(ModelConfigError, match="bad.pbtxt"):
+        parse_config('name: "x"\nmax_batch_size: "many"\n', "bad.pbtxt")
+    with pytest.raises(ModelConfigError, match="no platform or backend"):
+        parse_config('name: "x"\n', "x/config.pbtxt")
+
+
+def test_export_model_from_checkpoints_and_cli(tmp_path, capsys):
+    from faceops.cli import main
+    from faceops.train.checkpoint import save_checkpoint
+
+    rec, dsr = tiny_recognizer(), tiny_dsr()
+    save_checkpoint(str(tmp_path / "rec.pt"), {"kind": "recognizer", "model_config": to_dict(
+        RecognizerConfig(name="edgeface_xxs")), "model": rec.state_dict()})
+    dsr_cfg = DSRConfig(vlr_size="32x32", base_channels=16, residual_blocks=2)
+    save_checkpoint(str(tmp_path / "dsr.pt"), {"kind": "dsr", "model_config": to_dict(dsr_cfg),
+                                               "vlr_size": "32x32", "model": dsr.state_dict()})
+    report = export_model(str(tmp_path / "rec.pt"), str(tmp_path / "repo"), dsr_uri=str(tmp_path / "dsr.pt"))
+    assert report["models"]["recognizer"]["parity"]["max_abs"] <= 1e-4
+    code = main(["export", "--model", str(tmp_path / "rec.pt"), "--format", "onnx", "--repo",
+                 str(tmp_path / "repo"), "--set", "export.max_batch_size=8", "--set",
+                 "preferred_batch_sizes=[8]"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["models"]["recognizer"]["version"] == 2
+    assert parse_config((tmp_path / "repo" / "recognizer" / "config.pbtxt").read_text()).max_batch_size == 8
+    code = main(["export", "--model", str(tmp_path / "dsr.pt"), "--repo", str(tmp_path / "repo")])
+    assert code == 1 and "needs a recognizer" in capsys.readouterr().err
+
+
+# -- INT8 -----------------------------------------------------------------------------------------
+def test_int8_export_reports_accuracy_change_on_real_faces(tmp_path, data_dir):
+    faces, labels = orl_faces(data_dir, people=6, per_person=4)
+    calib = CalibData(hr=faces, vlr={"32x32": vlr_of(faces)}, pairs=all_pairs(labels))
+    report = export_modules(tiny_recognizer(), str(tmp_path / "repo"), calib=calib, int8=True,
+                            cfg=ExportConfig(int8_max_accuracy_drop=1.0))
+    int8 = report["int8"]
+    assert int8["pairs"] == len(calib.pairs) and int8["calib_images"] == len(faces)
+    assert 0.0 <= int8["int8_accuracy"] <= 1.0 and 0.5 <= int8["fp32_accuracy"] <= 1.0
+    assert int8["accuracy_change"] == pytest.approx(int8["int8_accuracy"] - int8["fp32_accuracy"])
+    graph = onnx.load(str(tmp_path / "repo" / "recognizer_int8" / "1" / "model.onnx")).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # QDQ format
+    assert report["models"]["recognizer"]["parity"]["max_abs"] <= 1e-4  # parity ran on real faces
+
+
+def test_int8_gate_fails_when_accuracy_collapses(tmp_path, data_dir):
+    faces, labels = orl_faces(data_dir, people=4, per_person=3)
+    model = tiny_recognizer()
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", to_input(faces[:1]), "recognizer", ExportConfig())
+    proto = onnx.load(str(fp32))  # a "quantized" model that lost everything: all weights zero
+    for init in proto.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
+    onnx.save(proto, str(tmp_path / "broken.onnx"))
+    with pytest.raises(Int8AccuracyError, match="int8_max_accuracy_drop"):
+        int8_accuracy_change(fp32, tmp_path / "broken.onnx", faces, all_pairs(labels), len(faces),
+                             ExportConfig(int8_max_accuracy_drop=0.0))
+
+
+def test_int8_needs_calibration_faces(tmp_path):
+    from faceops.errors import FaceopsError
+
+    with pytest.raises(FaceopsError, match="calibration"):
+        export_modules(tiny_recognizer(), str(tmp_path / "repo"), int8=True)
+    assert not (tmp_path / "repo" / "recognizer").exists()
+
+
+def test_quantize_int8_rejects_float_calibration(tmp_path):
+    from faceops.errors import FaceopsError
+
+    path = export_onnx(tiny_recognizer(), tmp_path / "r.onnx", torch.zeros(1, 3, 112, 112), "recognizer",
+                       ExportConfig())
+    with pytest.raises(FaceopsError, match="uint8 NHWC"):
+        quantize_int8(path, tmp_path / "q.onnx", np.zeros((2, 3, 112, 112), np.float32), ExportConfig())
+
+
+# -- TensorRT -------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_trt_without_cuda_is_skipped_clearly(tmp_path, capsys):
+    report = export_modules(tiny_recognizer(), str(tmp_path / "repo"), trt=True)
+    assert report["tensorrt"]["status"] == "skipped: no CUDA device"
+    assert "TensorRT: skipped: no CUDA device" in capsys.readouterr().out
+    assert "recognizer_trt" not in report["models"] and "recognizer" in report["models"]
+
+
+def _need_tensorrt():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("tensorrt", reason="needs the tensorrt Python package (pip install tensorrt)")
+
+
+@pytest.mark.gpu
+def test_tensorrt_fp16_engine_passes_parity_and_is_published(tmp_path, data_dir):
+    _need_tensorrt()
+    faces, labels = orl_faces(data_dir, people=4, per_person=4)
+    calib = CalibData(hr=faces, pairs=all_pairs(labels))
+    report = export_modules(tiny_recognizer(), str(tmp_path / "repo"), calib=calib, trt=True)
+    assert report["tensorrt"]["status"] == "built"
+    parity = report["models"]["recognizer_trt"]["parity"]
+    assert parity["backend"] == "tensorrt" and parity["min_cosine"] >= 0.999
+    config = parse_config((tmp_path / "repo" / "recognizer_trt" / "config.pbtxt").read_text())
+    assert config.platform == "tensorrt_plan"
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert (tmp_path / "repo" / "recognizer_trt" / "1" / "model.plan").stat().st_size > 0
+
+
+@pytest.mark.gpu
+def test_tensorrt_int8_engine_from_qdq_model(tmp_path, data_dir):
+    _need_tensorrt()
+    faces, labels = orl_faces(data_dir, people=4, per_person=4)
+    calib = CalibData(hr=faces, pairs=all_pairs(labels))
+    report = export_modules(tiny_recognizer(), str(tmp_path / "repo"), calib=calib, int8=True, trt=True,
+                            cfg=ExportConfig(int8_max_accuracy_drop=1.0, trt_parity_min_cosine=0.98,
+                                             trt_parity_max_abs=0.1))
+    assert report["models"]["recognizer_trt_int8"]["parity"]["backend"] == "tensorrt"

@@ -1,0 +1,261 @@
+"""Serving with a REAL local Triton (the one bundled in nvidia-pytriton): client, ensemble, batching,
+errors, gallery and the CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tritonclient.grpc import model_config_pb2 as mc
+
+from faceops.data.prepare import PrepareConfig, prepare_face
+from faceops.data.tensors import to_input, to_input_numpy
+from faceops.export import ExportConfig, export_modules, parse_config, run_onnx
+from faceops.export.onnx_export import FusedVLR
+from faceops.models import DSRConfig, RecognizerConfig, create_dsr, create_recognizer
+from faceops.serve import (
+    FaceClient,
+    Gallery,
+    InvalidInputError,
+    LocalTriton,
+    ModelNotFoundError,
+    ServerUnavailableError,
+    materialise,
+)
+from faceops.serve.local import free_port
+
+pytest.importorskip("pytriton", reason="the local Triton needs nvidia-pytriton: pip install 'faceops[serve]'")
+torch.set_num_threads(1)
+
+
+def orl(data_dir: Path, person: int, k: int) -> Path:
+    return data_dir / "orl" / f"s{person}" / f"{k}.pgm"
+
+
+def orl_faces(data_dir: Path, people: int, per_person: int) -> tuple[np.ndarray, list[str], list[str]]:
+    faces, names, ids = [], [], []
+    for p in range(1, people + 1):
+        for k in range(1, per_person + 1):
+            with Image.open(orl(data_dir, p, k)) as img:
+                faces.append(prepare_face(img, PrepareConfig()))
+            names.append(f"s{p}")
+            ids.append(f"s{p}/{k}")
+    return np.stack(faces), names, ids
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    recognizer = create_recognizer(RecognizerConfig(name="edgeface_xxs")).eval()
+    dsr = create_dsr(DSRConfig(vlr_size="32x32", base_channels=16, residual_blocks=2)).eval()
+    return recognizer, dsr
+
+
+@pytest.fixture(scope="module")
+def repo(models, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("serve") / "repo"
+    cfg = ExportConfig(max_batch_size=32, preferred_batch_sizes=[8, 16, 32], max_queue_delay_us=5000)
+    export_modules(models[0], str(path), {"32x32": models[1]}, cfg)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    with LocalTriton(str(repo)) as triton:
+        yield triton
+
+
+@pytest.fixture
+def client(server) -> FaceClient:
+    return FaceClient(server.grpc_url, timeout=30.0)
+
+
+def counters(server: LocalTriton, model: str) -> tuple[float, float]:
+    """(nv_inference_count, nv_inference_exec_count) of ``model`` from Triton's own metrics."""
+    text = server.metrics()
+
+    def value(metric: str) -> float:
+        found = re.search(rf'^{metric}{{model="{model}",version="\d+"}} (\S+)$', text, re.M)
+        assert found, f"{metric} for {model} missing from {server.metrics_url}"
+        return float(found.group(1))
+
+    return value("nv_inference_count"), value("nv_inference_exec_count")
+
+
+# -- numerics -------------------------------------------------------------------------------------
+def test_grpc_embeddings_equal_ort_in_process_and_pytorch(client, models, repo, data_dir):
+    faces, _, _ = orl_faces(data_dir, people=3, per_person=3)
+    served = client.embed(faces)
+    x = to_input_numpy(faces)
+    in_process = run_onnx(repo / "recognizer" / "1" / "model.onnx", x)
+    with torch.no_grad():
+        eager = models[0](torch.from_numpy(x)).numpy()
+    assert served.shape == (9, 512) and served.dtype == np.float32
+    np.testing.assert_allclose(served, in_process, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(served, eager, atol=1e-4, rtol=0)
+
+
+def test_image_paths_are_prepared_like_ingest_and_http_matches_grpc(server, client, data_dir):
+    paths = [orl(data_dir, 1, 1), orl(data_dir, 2, 1)]
+    with Image.open(paths[0]) as a, Image.open(paths[1]) as b:
+        prepared = np.stack([prepare_face(a, PrepareConfig()), prepare_face(b, PrepareConfig())])
+    from_paths = client.embed(paths)  # ORL is 92x112: HR (only images below 112 on both sides are VLR)
+    np.testing.assert_allclose(from_paths, client.embed(prepared), atol=1e-6)
+    over_http = FaceClient(server.http_url, protocol="http").embed(paths)
+    np.testing.assert_allclose(over_http, from_paths, atol=1e-6)
+
+
+def test_vlr_face_equals_dsr_then_recognizer(client, models, data_dir):
+    faces, _, _ = orl_faces(data_dir, people=2, per_person=2)
+    vlr = np.stack([np.asarray(Image.fromarray(f).resize((32, 32), Image.Resampling.BICUBIC)) for f in faces])
+    assert client.vlr_size() == (32, 32)
+    ensemble = client.embed(vlr)  # 32x32 images are routed to vlr_face
+    direct = client.infer("vlr_face", to_input_numpy(vlr))
+    hr = client.infer("dsr", to_input_numpy(vlr), output_name="output")
+    chained = client.infer("recognizer", hr)
+    np.testing.assert_allclose(ensemble, direct, atol=1e-6)
+    np.testing.assert_allclose(ensemble, chained, atol=1e-5)
+    with torch.no_grad():
+        eager = FusedVLR(*reversed(models))(to_input(vlr)).numpy()
+    np.testing.assert_allclose(ensemble, eager, atol=1e-4)
+    forced = client.embed(faces, vlr=True)  # HR faces degraded like ingest (bicubic to 32x32)
+    np.testing.assert_allclose(forced, ensemble, atol=1e-5)
+
+
+# -- concurrency and dynamic batching -------------------------------------------------------------
+@pytest.mark.slow
+def test_16_threads_x_200_requests_all_succeed_and_triton_batches_them(server, client):
+    threads_n, per_thread = 16, 200
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (threads_n, 1, 3, 112, 112)).astype(np.float32)
+    reference = client.infer("recognizer", x[:, 0])
+    before = counters(server, "recognizer")
+    failures: list[str] = []
+    mismatches = [0]
+
+    def worker(t: int) -> None:
+        for _ in range(per_thread):
+            try:
+                out = client.infer("recognizer", x[t])
+            except Exception as exc:  # collected: the assertion below names the first failure
+                failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            if not np.allclose(out[0], reference[t], atol=1e-5):
+                mismatches[0] += 1
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads_n)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    assert not failures, f"{len(failures)} requests failed, first: {failures[0]}"
+    assert mismatches[0] == 0
+    after = counters(server, "recognizer")
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == threads_n * per_thread
+    assert executions < inferences, f"no dynamic batching: {executions} executions for {inferences} requests"
+
+
+# -- errors ---------------------------------------------------------------------------------------
+def test_wrong_shape_dtype_and_unknown_model_are_clear_errors_and_server_keeps_serving(client, server):
+    good = np.zeros((1, 3, 112, 112), np.float32)
+    with pytest.raises(InvalidInputError, match=r"recognizer.*\[1, 3, 64, 64\].*(shape|dims)"):
+        client.infer("recognizer", np.zeros((1, 3, 64, 64), np.float32))
+    with pytest.raises(InvalidInputError, match=r"FP64"):
+        client.infer("recognizer", good.astype(np.float64))
+    with pytest.raises(ModelNotFoundError, match=r"'no_such_model' is not served"):
+        client.infer("no_such_model", good)
+    with pytest.raises(InvalidInputError, match="uint8"):
+        client.embed([np.zeros((112, 112, 3), np.float32)])
+    assert server.running()
+    assert client.infer("recognizer", good).shape == (1, 512)
+
+
+def test_server_down_names_the_url():
+    url = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailableError, match=re.escape(url)):
+        down = FaceClient(url, retries=1, retry_backoff_s=0.05, timeout=2)
+        down.infer("recognizer", np.zeros((1, 3, 112, 112), np.float32))
+    assert time.monotonic() - started < 15
+    with pytest.raises(ServerUnavailableError, match="faceops serve"):
+        FaceClient(url, protocol="http", retries=0, timeout=2).ready()
+
+
+# -- verify / identify / gallery ------------------------------------------------------------------
+def test_verify_and_identify_against_a_stored_gallery(client, data_dir, tmp_path):
+    faces, names, ids = orl_faces(data_dir, people=4, per_person=3)
+    embeddings = client.embed(faces)
+    labels = np.array([sorted(set(names)).index(n) for n in names])
+    uri = Gallery(embeddings, labels, sorted(set(names)), ids).save(str(tmp_path / "gallery.npz"))
+    gallery = Gallery.load(uri)
+    matches = client.identify(orl(data_dir, 3, 2), gallery, top_k=3)  # an enrolled image: itself ranks first
+    assert [m.identity for m in matches][0] == "s3" and matches[0].image_id == "s3/2"
+    assert matches[0].score == pytest.approx(1.0, abs=1e-5) and len(matches) == 3
+    assert len({m.identity for m in matches}) == 3  # one entry per identity
+    same = client.verify(orl(data_dir, 1, 1), orl(data_dir, 1, 1), threshold=0.99)
+    assert same.same and same.score == pytest.approx(1.0, abs=1e-5)
+
+
+# -- local serving copy and the CLI ---------------------------------------------------------------
+def test_materialised_copy_serves_onnx_through_python_backend(repo, tmp_path):
+    (repo / "recognizer_trt" / "1").mkdir(parents=True)  # an engine model the local server must skip
+    text = (repo / "recognizer" / "config.pbtxt").read_text().replace('"recognizer"', '"recognizer_trt"')
+    (repo / "recognizer_trt" / "config.pbtxt").write_text(text.replace("onnxruntime_onnx", "tensorrt_plan"))
+    (repo / "recognizer_trt" / "1" / "model.plan").write_bytes(b"engine")
+    try:
+        served = materialise(str(repo), tmp_path / "local")
+    finally:
+        for p in sorted((repo / "recognizer_trt").rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+        (repo / "recognizer_trt").rmdir()
+    assert served == ["dsr", "recognizer", "vlr_face", "vlr_fused"]
+    local = parse_config((tmp_path / "local" / "recognizer" / "config.pbtxt").read_text())
+    cluster = parse_config((repo / "recognizer" / "config.pbtxt").read_text())
+    assert local.backend == "python" and not local.platform
+    assert local.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert (local.input, local.output, local.max_batch_size, local.dynamic_batching) == (
+        cluster.input, cluster.output, cluster.max_batch_size, cluster.dynamic_batching)
+    assert (tmp_path / "local" / "recognizer" / "1" / "model.py").is_file()
+    assert parse_config((tmp_path / "local" / "vlr_face" / "config.pbtxt").read_text()) == parse_config(
+        (repo / "vlr_face" / "config.pbtxt").read_text())
+
+
+def test_cli_serve_starts_prints_endpoints_and_stops_on_sigterm(repo, data_dir, tmp_path):
+    ports = [free_port() for _ in range(3)]
+    entry = "import sys; from faceops.cli import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", entry, "serve", "--repo", str(repo), "--grpc-port", str(ports[0]),
+           "--http-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "stops the server" in line:
+                break
+        assert any(f"127.0.0.1:{ports[0]}" in ln for ln in lines), "".join(lines)
+        from faceops.cli import main
+
+        metrics = tmp_path / "metrics.json"
+        metrics.write_text('{"verification": {"threshold": 0.999}}')
+        url = f"127.0.0.1:{ports[0]}"
+        assert main(["verify", str(orl(data_dir, 1, 1)), str(orl(data_dir, 1, 1)), "--url", url,
+                     "--metrics", str(metrics)]) == 0
+        assert main(["embed", str(orl(data_dir, 1, 1)), "--url", url, "--out", str(tmp_path / "e.npy")]) == 0
+        assert np.load(tmp_path / "e.npy").shape == (1, 512)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, "".join(lines) + out
+    assert "server stopped" in out
