@@ -259,3 +259,14 @@ def test_cli_serve_starts_prints_endpoints_and_stops_on_sigterm(repo, data_dir, 
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, "".join(lines) + out
     assert "server stopped" in out
+
+
+def test_serves_a_repository_read_from_s3(models, s3_bucket):
+    repo = f"{s3_bucket}/models"
+    export_modules(models[0], repo, {"32x32": models[1]},
+                   ExportConfig(max_batch_size=8, preferred_batch_sizes=[8]))
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 3, 112, 112)).astype(np.float32)
+    with LocalTriton(repo) as triton:
+        served = FaceClient(triton.grpc_url).infer("recognizer", x)
+    with torch.no_grad():
+        np.testing.assert_allclose(served, models[0](torch.from_numpy(x)).numpy(), atol=1e-4)

@@ -44,6 +44,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(f"{source}: '{key}' = {value!r} is not a {_type_name(tp)}")
     if origin is typing.Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans
+            value = {False: "off", True: "on"}[value] if {"off", "on"} & set(args) else value
         if value not in args:
             raise ConfigError(f"{source}: '{key}' = {value!r} is not one of {list(args)}")
         return value

@@ -54,5 +54,5 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # the run's summary, read by pipeline stages
         store, key = split_uri(f"{cfg.out.rstrip('/')}/result.json")
         store.put_bytes(key, json.dumps(summary, indent=1).encode())
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     return 0

@@ -153,15 +153,15 @@ class BatchDataset(Dataset):
 
     def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
         idx = self.order[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size]
-        if self.world_size > 1:
-            idx = np.array_split(idx, self.world_size)[self.rank]
-        idx = np.sort(idx) if not self.train else idx
         out = {"hr": to_input(self.data.hr[idx]), "label": torch.from_numpy(self.data.labels[idx])}
         if self.cfg.vlr_view:
             out["vlr"] = to_input(self.data.vlr[self.cfg.vlr_view][idx])
-        if self.augment is not None:
+        if self.augment is not None:  # drawn for the global batch, so every rank slices the same draws
             state = np.random.SeedSequence([self.seed, self.epoch, b]).generate_state(1)[0]
             out = self.augment(out, torch.Generator().manual_seed(int(state)))
+        if self.world_size > 1:
+            part = np.array_split(np.arange(len(idx)), self.world_size)[self.rank]
+            out = {k: v[part] for k, v in out.items()}
         return out
 
 

@@ -23,13 +23,13 @@ the operator after ``JobConfig.ttl_s_after_finished``.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import secrets
 import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +56,8 @@ CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
 # ("$@", so no argument is ever re-parsed by the shell).
 POD_SCRIPT = f'mkdir -p {CONFIG_DIR} && printf "%s" "${CONFIG_ENV}" > {CONFIG_PATH} && exec torchrun "$@"'
 IN_CLUSTER_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+# the first error a rank reports: the CLI's one-line error, or an uncaught exception's last line
+RANK_ERROR = re.compile(r"^(faceops \w+: error: |[\w.]*(Error|Exception): )")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -184,20 +186,19 @@ def run_torchrun(argv: list[str], nproc: int) -> int:
         log.warning("no CUDA device: running %d CPU processes (gloo) instead of %d GPUs", nproc, nproc)
     cmd = torchrun_command(argv, nproc)
     log.info("launching: %s", " ".join(cmd))
-    tail: deque[str] = deque(maxlen=1)
+    cause: str | None = None
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           bufsize=1) as proc:
-        assert proc.stdout is not None  # set by stdout=PIPE
-        for line in proc.stdout:
+        for line in proc.stdout or ():
             sys.stdout.write(line)
             sys.stdout.flush()
-            if line.strip():
-                tail.append(line.strip())
-        rc = proc.wait()
+            if cause is None and RANK_ERROR.match(line) and "ChildFailedError" not in line:
+                cause = line.strip()
+    rc = proc.returncode
     if rc != 0:
-        last = f" (last line: {tail[0]})" if tail else ""
+        where = f": {cause}" if cause else "; the failing rank's traceback is in the output above"
         raise LaunchError(f"torchrun with {nproc} processes of 'faceops {' '.join(argv[:2])}' exited with "
-                          f"code {rc}; the failing rank's traceback is in the output above{last}")
+                          f"code {rc}{where}")
     return rc
 
 
@@ -353,13 +354,14 @@ def kube_client() -> tuple[Any, str]:
         kconfig.load_incluster_config()
         namespace = IN_CLUSTER_NAMESPACE_FILE.read_text().strip() or "default"
     except kconfig.ConfigException:
+        kubeconfig = os.environ.get("KUBECONFIG") or None  # read now: the client reads it at import
         try:
-            kconfig.load_kube_config()
+            kconfig.load_kube_config(config_file=kubeconfig)
         except (kconfig.ConfigException, OSError) as exc:
             raise LaunchError("multi-node training creates a PyTorchJob but found no Kubernetes access: "
                               "not in a pod and no usable kubeconfig (KUBECONFIG / ~/.kube/config): "
                               f"{exc}") from None
-        _, active = kconfig.list_kube_config_contexts()
+        _, active = kconfig.list_kube_config_contexts(config_file=kubeconfig)
         namespace = (active or {}).get("context", {}).get("namespace") or "default"
     return client.ApiClient(), namespace
 

@@ -170,6 +170,7 @@ def train_recognizer(cfg: RecognizerTrainConfig, resume: bool = False) -> FitRes
     log.info("training %s on %d images of %d identities (%s)", cfg.model.name, len(train), train.num_classes,
              cfg.data)
     device = resolve_device(cfg.engine.device)
+    torch.manual_seed(cfg.engine.seed)  # model init is part of the run: same seed, same weights
     task = RecognizerTask(cfg, train, val, device)
     prepare_start(task.model, cfg)
     result = fit_task(task, train, cfg.loader, cfg.engine, cfg.out, to_dict(cfg), manifest["content_hash"],

@@ -1,0 +1,154 @@
+"""The training engine: NaN guard, exact resume after SIGKILL, DDP equivalence, schedules."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from faceops import config
+from faceops.train.checkpoint import first_non_finite, load_checkpoint
+from faceops.train.recognizer import RecognizerTrainConfig, train_recognizer
+
+TINY = ["model.name=edgeface_xxs", "loader.batch_size=8", "engine.progress=false", "engine.log_every_steps=1",
+        "engine.amp=off"]
+
+
+def tiny_cfg(data: str, out: Path, *sets: str) -> RecognizerTrainConfig:
+    return config.load(RecognizerTrainConfig, overrides=[*TINY, f"data={data}", f"out={out}", *sets])
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _train_cmd(data: str, out: Path, *sets: str) -> list[str]:
+    args = [a for s in (*TINY, *sets) for a in ("--set", s)]
+    return [sys.executable, "-m", "faceops.train.launch", "train", "recognizer", "--data", data, "--out", str(out),
+            *args]
+
+
+def test_injected_nans_are_skipped_counted_and_rolled_back(tiny_dataset, tmp_path):
+    torch.set_num_threads(1)
+    # step 1: one poisoned loss; step 3: three in a row -> a rollback (max_consecutive 3)
+    cfg = tiny_cfg(tiny_dataset, tmp_path, "engine.epochs=4", "engine.checkpoint_every_steps=2",
+                   "engine.nan_guard.inject_steps=[1, 3, 3, 3]", "engine.nan_guard.snapshot_every=1")
+    result = train_recognizer(cfg)
+    assert result.nan_events == {"loss": 4, "grad": 0, "param": 0}
+    assert result.rollbacks == 1
+    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
+    assert first_non_finite({k: v for k, v in ckpt.items() if k != "rng"}) is None
+    assert ckpt["nan_events"]["loss"] == 4 and ckpt["lr_scale"] == pytest.approx(0.5)
+
+
+def test_injected_grad_nans_and_budget(tiny_dataset, tmp_path):
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(tiny_dataset, tmp_path / "a", "engine.epochs=1", "engine.nan_guard.inject_kind=grad",
+                   "engine.nan_guard.inject_steps=[1]")
+    assert train_recognizer(cfg).nan_events["grad"] == 1
+    cfg = tiny_cfg(tiny_dataset, tmp_path / "b", "engine.epochs=3", "engine.nan_guard.budget=2",
+                   "engine.nan_guard.inject_steps=[1, 1, 1]", "engine.nan_guard.max_consecutive=10")
+    with pytest.raises(Exception, match=r"NaN budget exceeded .* at step 1 .*loss"):
+        train_recognizer(cfg)
+
+
+def test_metrics_count_nan_events(tiny_dataset, tmp_path):
+    from prometheus_client import generate_latest
+
+    from faceops.data.reader import BatchDataset, load_split
+    from faceops.train.engine import Engine
+    from faceops.train.recognizer import RecognizerTask
+
+    cfg = tiny_cfg(tiny_dataset, tmp_path, "engine.epochs=2", "engine.nan_guard.inject_steps=[0, 2]")
+    train = load_split(tiny_dataset, "train")
+    task = RecognizerTask(cfg, train, None, torch.device("cpu"))
+    engine = Engine(task, BatchDataset(train, cfg.loader, 0), cfg.engine, str(tmp_path), run_id="t1",
+                    model_name="edgeface_xxs")
+    registry = engine.metrics.registry
+    engine.fit()
+    labels = {"stage": "train_recognizer", "run_id": "t1", "model": "edgeface_xxs"}
+    assert registry.get_sample_value("faceops_nan_events_total", {**labels, "kind": "loss"}) == 2.0
+    assert registry.get_sample_value("faceops_nan_events_total", {**labels, "kind": "grad"}) == 0.0
+    assert registry.get_sample_value("faceops_train_loss", labels) > 0
+    assert "faceops_train_images_per_second" in generate_latest(registry).decode()
+
+
+def _weights(path: Path) -> dict:
+    return load_checkpoint(str(path))["model"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_identical_weights(tiny_dataset, tmp_path):
+    sets = ("engine.epochs=3", "engine.checkpoint_every_steps=2", "engine.max_steps=9")
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(tiny_dataset, ref, *sets), check=True, env=_env(), capture_output=True)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(tiny_dataset, run, *sets), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(str(run / "last.pt"))["step"]
+    assert killed_at < 9
+    subprocess.run([*_train_cmd(tiny_dataset, run, *sets), "--resume"], check=True, env=_env(),
+                   capture_output=True)
+    a, b = _weights(ref / "last.pt"), _weights(run / "last.pt")
+    assert load_checkpoint(str(run / "last.pt"))["step"] == 9
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume from step {killed_at}"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(tiny_dataset, tmp_path):
+    sets = ("engine.epochs=1", "engine.max_steps=3", "model.head=linear", "engine.clip_grad_norm=null",
+            "engine.optim.name=sgd", "engine.optim.lr=0.05")
+    one = tmp_path / "one"
+    subprocess.run(_train_cmd(tiny_dataset, one, *sets), check=True, env=_env(), capture_output=True)
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "faceops.train.launch", *_train_cmd(tiny_dataset, two, *sets)[3:]]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _weights(one / "last.pt"), _weights(two / "last.pt")
+    init = load_checkpoint(str(one / "last.pt"))
+    assert init["step"] == 3
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs")
+
+
+def test_schedules_and_groups():
+    from faceops.train.engine import OptimConfig, ScheduleConfig, build_optimizer, build_scheduler
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    q = [torch.nn.Parameter(torch.zeros(2))]
+    opt = build_optimizer(OptimConfig(name="sgd", lr=0.1, backbone_lr=0.01), {"backbone": p, "head": q})
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.1]
+    sched = build_scheduler(ScheduleConfig(name="cosine", warmup_steps=10, warmup_start_factor=0.0,
+                                           min_lr_ratio=0.0), opt, total_steps=110, steps_per_epoch=10)
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[1]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[10] == pytest.approx(0.1) and lrs[60] == pytest.approx(0.05, rel=0.05)
+    assert lrs[-1] < 0.001
+    step = build_scheduler(ScheduleConfig(name="step", step_epochs=1, gamma=0.5), opt, 30, 10)
+    assert step.lr_lambdas[0](25) == pytest.approx(0.25)
+
+
+def test_collapse_metric():
+    from faceops.train.engine import mean_inter_identity_cosine
+
+    labels = torch.tensor([0, 0, 1, 1])
+    collapsed = torch.ones(4, 3)
+    spread = torch.tensor([[1.0, 0, 0], [1, 0.1, 0], [-1, 0, 0], [-1, 0, 0.1]])
+    assert mean_inter_identity_cosine(collapsed, labels) == pytest.approx(1.0)
+    assert mean_inter_identity_cosine(spread, labels) < -0.9
