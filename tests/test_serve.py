@@ -231,7 +231,7 @@ def test_materialised_copy_serves_onnx_through_python_backend(repo, tmp_path):
         (repo / "vlr_face" / "config.pbtxt").read_text())
 
 
-def test_cli_serve_starts_prints_endpoints_and_stops_on_sigterm(repo, data_dir, tmp_path):
+def test_cli_serve_starts_prints_endpoints_and_stops_on_sigterm(repo, data_dir, tmp_path, capsys):
     ports = [free_port() for _ in range(3)]
     entry = "import sys; from faceops.cli import main; sys.exit(main())"
     cmd = [sys.executable, "-c", entry, "serve", "--repo", str(repo), "--grpc-port", str(ports[0]),
@@ -250,8 +250,15 @@ def test_cli_serve_starts_prints_endpoints_and_stops_on_sigterm(repo, data_dir, 
         metrics = tmp_path / "metrics.json"
         metrics.write_text('{"verification": {"threshold": 0.999}}')
         url = f"127.0.0.1:{ports[0]}"
+        capsys.readouterr()
         assert main(["verify", str(orl(data_dir, 1, 1)), str(orl(data_dir, 1, 1)), "--url", url,
                      "--metrics", str(metrics)]) == 0
+        assert capsys.readouterr().out.startswith("same person: score 1.0000 >= threshold 0.9990")
+        assert main(["verify", str(orl(data_dir, 1, 1)), str(orl(data_dir, 2, 1)), "--url", url,
+                     "--metrics", str(metrics)]) == 0
+        assert capsys.readouterr().out.startswith("different people: score")
+        assert main(["verify", str(orl(data_dir, 1, 1)), str(orl(data_dir, 2, 1)), "--url", url]) == 1
+        assert "--metrics" in capsys.readouterr().err
         assert main(["embed", str(orl(data_dir, 1, 1)), "--url", url, "--out", str(tmp_path / "e.npy")]) == 0
         assert np.load(tmp_path / "e.npy").shape == (1, 512)
     finally:
@@ -270,3 +277,28 @@ def test_serves_a_repository_read_from_s3(models, s3_bucket):
         served = FaceClient(triton.grpc_url).infer("recognizer", x)
     with torch.no_grad():
         np.testing.assert_allclose(served, models[0](torch.from_numpy(x)).numpy(), atol=1e-4)
+
+
+def test_cli_gallery_build_and_identify_on_an_ingested_dataset(server, data_dir, tmp_path, capsys):
+    from faceops.cli import main
+    from faceops.config import from_dict
+    from faceops.data.ingest import IngestConfig, ingest
+
+    source = tmp_path / "orl"  # a few ORL people, linked (never copied) into a source folder
+    source.mkdir()
+    for p in range(1, 9):
+        (source / f"s{p}").symlink_to(data_dir / "orl" / f"s{p}")
+    cfg = from_dict(IngestConfig, {"degrade": {"sizes": ["32x32"]}, "pairs_per_split": 10, "workers": 1,
+                                   "splits": {"train": 0.5, "val": 0.25, "test": 0.25}})
+    dataset = ingest(str(source), "orl8", str(tmp_path / "store"), cfg, progress=False).uri
+    gallery_uri = f"{dataset.rsplit('/datasets/', 1)[0]}/galleries/orl8-test.npz"
+    url = server.grpc_url
+    assert main(["gallery", "build", dataset, "--out", gallery_uri, "--url", url, "--dataset", dataset]) == 0
+    gallery = Gallery.load(gallery_uri)
+    assert gallery.embeddings.shape == (len(gallery.labels), 512) and len(gallery.identities) >= 2
+    enrolled = gallery.image_ids[0]  # an enrolled test image ("s3/1.pgm"): it must come back first
+    identity = gallery.identities[gallery.labels[0]]
+    capsys.readouterr()
+    assert main(["identify", str(source / enrolled), "--gallery", gallery_uri, "--url", url, "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"1. {identity} ") and "score 1.0000" in lines[0]

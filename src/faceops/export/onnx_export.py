@@ -99,12 +99,15 @@ def _simplify(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     return simplified
 
 
-def ort_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+def ort_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None,
+                allow_spinning: bool = True):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if not allow_spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts,
                                 providers=providers or ["CPUExecutionProvider"])
 

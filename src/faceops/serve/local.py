@@ -45,6 +45,7 @@ class LocalServeConfig:
     http_port: int | None = None
     metrics_port: int | None = None
     ort_threads: int = 1  # ONNX Runtime intra-op threads per model instance
+    ort_allow_spinning: bool = False  # busy-waiting ORT threads steal CPU from gRPC on small machines
     instance_count: int = 1  # CPU instances per model (the cluster config's GPU count does not apply)
     startup_timeout_s: float = 120.0  # model loading budget before giving up
     stop_timeout_s: float = 30.0  # graceful shutdown budget before SIGKILL
@@ -116,6 +117,7 @@ def _as_python_backend(config: mc.ModelConfig, cfg: LocalServeConfig) -> mc.Mode
     del local.instance_group[:]
     local.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=cfg.instance_count)
     local.parameters["ort_intra_op_threads"].string_value = str(cfg.ort_threads)
+    local.parameters["ort_allow_spinning"].string_value = "1" if cfg.ort_allow_spinning else "0"
     return local
 
 

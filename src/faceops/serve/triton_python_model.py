@@ -22,6 +22,8 @@ class TritonPythonModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        spinning = params.get("ort_allow_spinning", {}).get("string_value", "0")
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         self.session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
         self.input_name = config["input"][0]["name"]

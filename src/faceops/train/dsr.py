@@ -204,6 +204,7 @@ def train_dsr(cfg: DSRTrainConfig, resume: bool = False) -> FitResult:
     recognizer = load_frozen_recognizer(cfg.recognizer, device)
     log.info("training DSR %s -> %dpx on %d images (%s), losses from %s", cfg.vlr_size, cfg.model.hr_size,
              len(train), cfg.data, cfg.recognizer)
+    torch.manual_seed(cfg.engine.seed)  # the DSR's initial weights are part of the run's recipe
     task = DSRTask(cfg, recognizer, val, device, cfg.recognizer)
     return fit_task(task, train, cfg.loader, cfg.engine, cfg.out, to_dict(cfg), manifest["content_hash"],
                     resume)

@@ -271,7 +271,9 @@ def finetune_edgeface(cfg: FinetuneConfig, resume: bool = False) -> FitResult:
     has_val = cfg.val_split in manifest["shards"]
     val = load_split(cfg.data, cfg.val_split, views=["hr", view]) if has_val else None
     device = resolve_device(cfg.engine.device)
-    task = FinetuneTask(cfg, train, val, device, load_frozen_dsr(cfg.dsr, cfg.vlr_size))
+    dsr = load_frozen_dsr(cfg.dsr, cfg.vlr_size)
+    torch.manual_seed(cfg.engine.seed)  # a new margin head's class centres are part of the run's recipe
+    task = FinetuneTask(cfg, train, val, device, dsr)
     prepare_start(task.model, task.cfg)
     if start is not None and cfg.reuse_head and _load_head(task, start, manifest["content_hash"]):
         log.info("finetune: margin head taken from %s (same dataset)", cfg.init_from)

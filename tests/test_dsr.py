@@ -1,0 +1,239 @@
+"""DSR training: each loss against hand-computed values, the frozen recognizer, train steps at both VLR
+sizes, and exact resume after SIGKILL through ``faceops train dsr``."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from faceops.config import to_dict
+from faceops.models import DSRNet, RecognizerConfig, create_recognizer
+from faceops.train.checkpoint import load_checkpoint, load_model, save_checkpoint
+from faceops.train.dsr import DSRTrainConfig, dsr_recipe, train_dsr
+from faceops.train.losses import (
+    DSRLoss,
+    DSRLossConfig,
+    FeatureMatchingLoss,
+    Frozen,
+    IdentityLoss,
+    LossError,
+    PerceptualLoss,
+    PixelL1Loss,
+    TotalVariationLoss,
+    VGGFeatures,
+    loss_config_for,
+)
+
+SIZES = {"32x32": (32, 32), "14x16": (16, 14)}  # VLR size -> (H, W)
+
+
+def tiny_recognizer(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_recognizer(RecognizerConfig(name="edgeface_xxs", embedding_dim=64))
+
+
+@pytest.fixture(scope="module")
+def recognizer_ckpt(tmp_path_factory) -> str:
+    """A faceops recognizer checkpoint (random edgeface_xxs) for the DSR losses."""
+    model = tiny_recognizer()
+    uri = str(tmp_path_factory.mktemp("rec") / "rec.pt")
+    cfg = RecognizerConfig(name="edgeface_xxs", embedding_dim=64)
+    return save_checkpoint(uri, {"kind": "recognizer", "model": model.state_dict(), "model_config": to_dict(cfg)})
+
+
+def tiny_dsr_cfg(data: str, out: Path, recognizer: str, size: str = "32x32", **engine) -> DSRTrainConfig:
+    cfg = dsr_recipe(size)
+    cfg.data, cfg.out, cfg.recognizer = data, str(out), recognizer
+    cfg.model.base_channels, cfg.model.residual_blocks = 16, 2
+    cfg.loader.batch_size = 4
+    cfg.engine.progress, cfg.engine.amp, cfg.engine.log_every_steps = False, "off", 1
+    cfg.engine.schedule.warmup_steps = 2
+    for k, v in engine.items():
+        setattr(cfg.engine, k, v)
+    return cfg
+
+
+# -- each loss against a hand-computed value -------------------------------------------------------
+def test_pixel_l1_by_hand():
+    sr = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
+    hr = torch.tensor([[[[1.0, 1.0], [0.0, 0.5]]]])
+    assert PixelL1Loss()(sr, hr).item() == pytest.approx((1 + 0 + 2 + 2.5) / 4)
+
+
+def test_total_variation_by_hand():
+    x = torch.tensor([[[[0.0, 1.0, 3.0], [1.0, 1.0, 0.0]]]])  # 1 x 1 x 2 x 3
+    # vertical |1-0| + |1-1| + |0-3| = 4; horizontal |1-0| + |3-1| + |1-1| + |0-1| = 4
+    assert TotalVariationLoss()(x).item() == pytest.approx(8.0)
+    two = torch.cat([x, torch.zeros_like(x)])  # mean over the batch of per-image sums
+    assert TotalVariationLoss()(two).item() == pytest.approx(4.0)
+
+
+def test_identity_by_hand():
+    sr = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    hr = torch.tensor([[0.0, 2.0], [3.0, 4.0]])
+    # cosines 0 and 1 -> (1 - 0 + 1 - 1) / 2
+    assert IdentityLoss()(sr, hr).item() == pytest.approx(0.5)
+
+
+def test_perceptual_and_feature_matching_by_hand():
+    a = [torch.tensor([1.0, 2.0]), torch.tensor([[0.0, 0.0], [0.0, 4.0]])]
+    b = [torch.tensor([1.0, 0.0]), torch.tensor([[1.0, 1.0], [1.0, 1.0]])]
+    # MSE per layer: (0 + 4) / 2 = 2 and (1 + 1 + 1 + 9) / 4 = 3 -> mean 2.5
+    assert PerceptualLoss()(a, b).item() == pytest.approx(2.5)
+    # L1 per layer: 2 / 2 = 1 and (1 + 1 + 1 + 3) / 4 = 1.5 -> mean 1.25
+    assert FeatureMatchingLoss()(a, b).item() == pytest.approx(1.25)
+
+
+def test_dsr_loss_is_the_weighted_sum_of_its_parts():
+    torch.manual_seed(0)
+    rec = tiny_recognizer()
+    cfg = DSRLossConfig(pixel=1.0, perceptual=0.5, identity=2.0, feature_match=0.25, tv=1e-3)
+    loss = DSRLoss(cfg, rec)
+    sr, hr = torch.rand(2, 3, 112, 112) * 2 - 1, torch.rand(2, 3, 112, 112) * 2 - 1
+    total, parts = loss(sr, hr)
+    with torch.no_grad():
+        s_sr, s_hr = rec.forward_stages(sr, 3), rec.forward_stages(hr, 3)
+        expected = {"l1": (sr - hr).abs().mean(),
+                    "perceptual": torch.nn.functional.mse_loss(s_sr[0], s_hr[0]),
+                    "identity": 1 - torch.nn.functional.cosine_similarity(rec(sr), rec(hr)).mean(),
+                    "feature_match": ((s_sr[1] - s_hr[1]).abs().mean() + (s_sr[2] - s_hr[2]).abs().mean()) / 2,
+                    "tv": TotalVariationLoss()(sr)}
+    for k, v in expected.items():
+        assert parts[k] == pytest.approx(v.item(), rel=1e-5), k
+    weighted = 1.0 * parts["l1"] + 0.5 * parts["perceptual"] + 2.0 * parts["identity"] + \
+        0.25 * parts["feature_match"] + 1e-3 * parts["tv"]
+    assert total.item() == pytest.approx(weighted, rel=1e-5)
+
+
+def test_seed_weights_for_both_sizes():
+    a, b = loss_config_for("32x32"), loss_config_for("14x16")
+    assert (a.pixel, a.perceptual, a.identity, a.feature_match, a.tv) == (1.0, 0.025, 0.60, 0.18, 2e-6)
+    assert (b.perceptual, b.identity, b.feature_match, b.tv) == (0.02, 0.50, 0.15, 3e-6)
+    r32, r14 = dsr_recipe("32x32"), dsr_recipe("14x16")
+    assert (r32.loader.batch_size, r32.engine.optim.lr, r32.model.base_channels) == (14, 1.3e-4, 128)
+    assert (r14.loader.batch_size, r14.engine.optim.lr, r14.model.base_channels) == (16, 1.5e-4, 112)
+    aug = r32.loader.augment
+    assert (aug.rotate_p, aug.rotate_deg, aug.jitter_p) == (0.65, 6.0, 0.3)
+    assert (r32.engine.monitor, r32.engine.monitor_mode) == ("val_identity_cosine", "max")
+    assert r14.model.vlr_size == r14.loader.vlr_view == "14x16"
+
+
+# -- VGG perceptual features from a local file ------------------------------------------------------
+def test_vgg_features_load_from_a_local_file_only(tmp_path):
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    ref = make_layers(cfgs["D"])[:9]  # up to relu2_2, the vgg16().features layout
+    path = tmp_path / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in ref.state_dict().items()} | {"classifier.0.bias": torch.zeros(2)},
+               path)
+    vgg = VGGFeatures(path, ["relu1_2", "relu2_2"])
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    feats = vgg(x)
+    norm = ((x + 1) / 2 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / \
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(feats[0], ref[:4](norm), atol=1e-6)
+        assert torch.allclose(feats[1], ref(norm), atol=1e-6)
+    assert not any(p.requires_grad for p in vgg.parameters())
+    cfg = DSRLossConfig(vgg_weights=str(path), vgg_layers=["relu1_2"])
+    _, parts = DSRLoss(cfg, tiny_recognizer())(torch.rand(1, 3, 112, 112) * 2 - 1, torch.zeros(1, 3, 112, 112))
+    assert math.isfinite(parts["perceptual"]) and parts["perceptual"] > 0
+    with pytest.raises(LossError, match="no file at"):
+        VGGFeatures(tmp_path / "missing.pth", ["relu1_2"])
+
+
+# -- gradients reach only the DSR network -----------------------------------------------------------
+def test_recognizer_frozen_and_in_eval_mode():
+    from faceops.models import DSRConfig, create_dsr
+
+    rec = tiny_recognizer()
+    before = {k: v.clone() for k, v in rec.state_dict().items()}
+    dsr = create_dsr(DSRConfig(base_channels=8, residual_blocks=1))
+    torch.nn.init.normal_(dsr.tail.weight, std=0.01)  # the tail starts at zero; give the DSR a gradient path
+    loss = DSRLoss(DSRLossConfig(), rec)
+    loss.train()  # what a training loop does to modules: the frozen recognizer must ignore it
+    assert isinstance(loss.recognizer, Frozen) and not rec.training and not loss.recognizer.training
+    opt = torch.optim.SGD(dsr.parameters(), lr=0.1)
+    total, _ = loss(dsr(torch.rand(2, 3, 32, 32) * 2 - 1), torch.rand(2, 3, 112, 112) * 2 - 1)
+    total.backward()
+    opt.step()
+    assert all(p.grad is None and not p.requires_grad for p in rec.parameters())
+    assert all(p.grad is not None for p in dsr.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in rec.state_dict().items())
+
+
+# -- training through the engine --------------------------------------------------------------------
+@pytest.mark.parametrize("size", ["32x32", "14x16"])
+def test_train_steps_shapes_dtypes_and_checkpoint(size, tiny_dataset, recognizer_ckpt, tmp_path):
+    torch.set_num_threads(1)
+    cfg = tiny_dsr_cfg(tiny_dataset, tmp_path, recognizer_ckpt, size, epochs=1, max_steps=2)
+    result = train_dsr(cfg)
+    assert result.steps == 2 and result.best_checkpoint
+    fig = result.history[-1]
+    for k in ("val_psnr", "val_ssim", "val_identity_cosine", "val_bicubic_psnr"):
+        assert math.isfinite(fig[k]), k
+    model, meta = load_model(result.best_checkpoint)
+    assert isinstance(model, DSRNet) and meta["kind"] == "dsr" and meta["vlr_size"] == size
+    h, w = SIZES[size]
+    out = model(torch.rand(3, 3, h, w) * 2 - 1)
+    assert out.shape == (3, 3, 112, 112) and out.dtype == torch.float32
+    assert out.abs().max() <= 1.0
+    # the frozen recognizer did not move: the checkpoint holds only the DSR
+    ckpt = load_checkpoint(result.checkpoint)
+    assert set(ckpt["model"]) == set(model.state_dict()) and "head" not in ckpt
+    rec, _ = load_model(recognizer_ckpt)
+    assert all(torch.equal(v, tiny_recognizer().state_dict()[k]) for k, v in rec.state_dict().items())
+
+
+def test_dsr_needs_the_vlr_view_and_a_recognizer(tiny_dataset, recognizer_ckpt, tmp_path):
+    from faceops.errors import FaceopsError
+
+    cfg = tiny_dsr_cfg(tiny_dataset, tmp_path, None)
+    with pytest.raises(FaceopsError, match="frozen recognizer"):
+        train_dsr(cfg)
+    cfg = tiny_dsr_cfg(tiny_dataset, tmp_path, recognizer_ckpt, "24x24")
+    with pytest.raises(FaceopsError, match="no VLR view 24x24"):
+        train_dsr(cfg)
+
+
+# -- exact resume after SIGKILL through the CLI ------------------------------------------------------
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _cmd(config_file: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "faceops.train.launch", "train", "dsr", "--config", str(config_file),
+            "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_identical_weights(tiny_dataset, recognizer_ckpt, tmp_path):
+    cfg = tiny_dsr_cfg(tiny_dataset, tmp_path, recognizer_ckpt, epochs=2, max_steps=10, checkpoint_every_steps=2)
+    config_file = tmp_path / "dsr.yaml"  # the whole resolved config: no default depends on the loader
+    config_file.write_text(yaml.safe_dump({"dsr": to_dict(cfg)}))
+    ref = tmp_path / "ref"
+    subprocess.run(_cmd(config_file, ref), check=True, env=_env(), capture_output=True)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(config_file, run), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(str(run / "last.pt"))["step"]
+    assert killed_at < 10
+    subprocess.run([*_cmd(config_file, run), "--resume"], check=True, env=_env(), capture_output=True)
+    a, b = load_checkpoint(str(ref / "last.pt")), load_checkpoint(str(run / "last.pt"))
+    assert a["step"] == b["step"] == 10 and b["vlr_size"] == "32x32"
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after resume from step {killed_at}"

@@ -1,0 +1,122 @@
+"""Pipelines: compiled IR carries the cluster settings, the checked-in YAML is current, and both
+pipelines run end to end through kfp's local runner (the README's main job included)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from faceops.cli import main
+from faceops.images import IMAGES, image
+from faceops.run import compile_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "data" / "tiny_pipeline.yaml"
+GPU_CLUSTER = REPO / "configs" / "cluster_gpu.yaml"
+GPU_TASKS = {"vlr_face": {"train-recognizer", "train-dsr", "finetune-edgeface", "evaluate-vlr", "export-vlr"},
+             "arcface_resnet34": {"train-recognizer", "evaluate", "export"}}
+
+
+def _load(path: Path) -> tuple[dict, dict]:
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return docs[0], (docs[1] if len(docs) > 1 else {})
+
+
+@pytest.mark.parametrize("name", sorted(GPU_TASKS))
+def test_checked_in_yaml_equals_fresh_compile(name, tmp_path, monkeypatch):
+    monkeypatch.delenv("FACEOPS_IMAGE_REGISTRY", raising=False)
+    monkeypatch.delenv("FACEOPS_IMAGE_TAG", raising=False)
+    fresh = compile_pipeline(name, str(tmp_path / f"{name}.yaml"), str(GPU_CLUSTER))
+    assert fresh.read_text() == (REPO / "pipelines" / f"{name}.yaml").read_text(), (
+        f"pipelines/{name}.yaml is stale: faceops compile {name} --cluster configs/cluster_gpu.yaml "
+        f"-o pipelines/{name}.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(GPU_TASKS))
+def test_ir_cluster_settings(name):
+    spec, platform = _load(REPO / "pipelines" / f"{name}.yaml")
+    tasks = spec["root"]["dag"]["tasks"]
+    execs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    images = {image(role) for role in IMAGES}
+    for task_name, task in tasks.items():
+        executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        container = spec["deploymentSpec"]["executors"][executor]["container"]
+        assert container["image"] in images, f"{task_name} names an image outside faceops.images"
+        k8s = execs[executor]
+        env = {e["secretNameParameter"]["runtimeValue"]["constant"] if "secretNameParameter" in e
+               else e.get("secretName") for e in k8s["secretAsEnv"]}
+        assert env == {"faceops-s3"}
+        keys = {m["envVar"] for e in k8s["secretAsEnv"] for m in e["keyToEnv"]}
+        assert {"FACEOPS_S3_ENDPOINT", "FACEOPS_S3_ACCESS_KEY", "FACEOPS_S3_SECRET_KEY"} <= keys
+        assert task["retryPolicy"]["maxRetryCount"] == 2
+        gpu = task_name in GPU_TASKS[name]
+        if gpu:
+            res = container["resources"]
+            assert res["accelerator"]["resourceCount"] == "1" or res["accelerator"].get("count") == "1"
+            assert "nvidia.com/gpu" in str(res["accelerator"])
+            assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+            assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
+            assert k8s["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+            assert not task.get("cachingOptions", {}).get("enableCache", False)
+        else:
+            assert "accelerator" not in container.get("resources", {})
+            assert "nodeSelector" not in k8s
+    assert tasks["ingest"]["cachingOptions"]["enableCache"] is True
+    text = (REPO / "pipelines" / f"{name}.yaml").read_text()
+    assert "SECRET_KEY:" not in text.replace("FACEOPS_S3_SECRET_KEY", "")  # no credential values
+
+
+def test_cpu_cluster_has_no_gpu_settings(tmp_path):
+    out = compile_pipeline("arcface_resnet34", str(tmp_path / "cpu.yaml"))
+    spec, platform = _load(out)
+    for ex in spec["deploymentSpec"]["executors"].values():
+        assert "accelerator" not in ex["container"].get("resources", {})
+    assert "nodeSelector" not in str(platform)
+
+
+@pytest.mark.slow
+def test_run_arcface_resnet34_local(tmp_path, capsys):
+    assert main(["run", "arcface_resnet34", "--config", str(TINY), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "store" / "runs" / "run"
+    assert (tmp_path / "store" / "datasets" / "synthetic" / "manifest.json").is_file()
+    assert (run / "recognizer" / "last.pt").is_file()
+    assert (run / "evaluation" / "metrics.json").is_file() and (run / "evaluation" / "report.html").is_file()
+    assert (tmp_path / "store" / "triton" / "recognizer" / "1" / "model.onnx").is_file()
+    assert "report" in out and str(tmp_path / "logs") in out
+
+
+@pytest.mark.slow
+def test_main_job_from_readme_runs_vlr_face(tmp_path):
+    """The README's main-job command (scripts/demo.sh -> faceops run vlr_face), tiny settings."""
+    r = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--config", str(TINY), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "store" / "runs" / "run"
+    for rel in ("recognizer/last.pt", "dsr_32x32/best.pt", "recognizer_finetuned/last.pt",
+                "evaluation/metrics.json", "evaluation/report.html"):
+        assert (run / rel).is_file(), rel
+    metrics = yaml.safe_load((run / "evaluation" / "metrics.json").read_text())
+    assert set(metrics["vlr"]["32x32"]) == {"hr", "bicubic", "dsr", "dsr_finetuned"}
+    repo = tmp_path / "store" / "triton"
+    assert {p.name for p in repo.iterdir()} >= {"recognizer", "dsr", "vlr_face"}
+    assert "faceops run vlr_face: done" in r.stdout
+
+
+@pytest.mark.slow
+def test_failing_step_is_named_with_its_log(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "someone").mkdir(parents=True)
+    (empty / "someone" / "notes.txt").write_text("no faces here")
+    rc = main(["run", "arcface_resnet34", "--config", str(TINY), "--data", str(empty), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "step 'ingest' failed" in err and "no images found" in err
+    assert str(tmp_path / "o" / "logs" / "ingest.log") in err
+
+
+def test_run_help_explains():
+    r = subprocess.run([sys.executable, "-m", "faceops.train.launch", "run", "--help"], capture_output=True, text=True)
+    assert "synthetic" in r.stdout and "--data" in r.stdout
