@@ -1,0 +1,277 @@
+"""Prometheus end to end, with REAL servers: a training run pushes to a Pushgateway that Prometheus
+scrapes, the local Triton is scraped directly, and PromQL over Prometheus's HTTP API sees both.
+The local-run path (``MetricsConfig.port``) is checked against a real training run as well."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from faceops import config
+from faceops.data.reader import load_split
+from faceops.metrics import MetricsConfig, StageMetrics
+from faceops.serve.local import free_port
+from faceops.train.recognizer import RecognizerTask, RecognizerTrainConfig, fit_task, train_recognizer
+
+TINY = ["model.name=edgeface_xxs", "loader.batch_size=8", "engine.progress=false", "engine.log_every_steps=1",
+        "engine.amp=off", "engine.device=cpu"]
+SCRAPE_S = 1  # scrape and evaluation interval of the test Prometheus
+QUERY_DEADLINE_S = 15.0  # a pushed/served value must be queryable within this (several scrapes)
+START_DEADLINE_S = 30.0  # Prometheus and the Pushgateway answer /-/ready within this
+BINARIES = ("prometheus", "prometheus-pushgateway")
+
+
+def tiny_cfg(data: str, out: Path, *sets: str) -> RecognizerTrainConfig:
+    return config.load(RecognizerTrainConfig, overrides=[*TINY, f"data={data}", f"out={out}", *sets])
+
+
+def http_get(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+# -- the servers -----------------------------------------------------------------------------------
+@dataclass
+class PromStack:
+    prometheus: str  # http://127.0.0.1:PORT
+    pushgateway: str  # 127.0.0.1:PORT (what FACEOPS_PUSHGATEWAY / MetricsConfig.pushgateway take)
+    triton_metrics_port: int  # the static target of the "triton" job: start LocalTriton on it
+
+    def query(self, promql: str) -> list[dict]:
+        url = f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        body = json.loads(http_get(url))
+        if body.get("status") != "success":
+            raise AssertionError(f"PromQL {promql!r} failed: {body}")
+        return body["data"]["result"]
+
+    def wait_for(self, promql: str, accept: Callable[[list[dict]], bool]) -> list[dict]:
+        """Poll ``promql`` until ``accept(result)``; fail with the last result past the deadline."""
+        deadline = time.monotonic() + QUERY_DEADLINE_S
+        while True:
+            result = self.query(promql)
+            if accept(result):
+                return result
+            if time.monotonic() > deadline:
+                pytest.fail(f"PromQL {promql!r} still gives {result} after {QUERY_DEADLINE_S:.0f} s "
+                            f"(targets: {self.targets()})")
+            time.sleep(SCRAPE_S / 4)
+
+    def targets(self) -> list[tuple[str, str, str]]:
+        active = json.loads(http_get(f"{self.prometheus}/api/v1/targets"))["data"]["activeTargets"]
+        return [(t["labels"].get("job", ""), t["health"], t.get("lastError", "")) for t in active]
+
+
+def scalar(result: list[dict]) -> float:
+    """The value of a one-series instant vector (NaN when empty)."""
+    return float(result[0]["value"][1]) if len(result) == 1 else math.nan
+
+
+def prometheus_config(pushgateway: str, triton: str) -> str:
+    return f"""\
+global:
+  scrape_interval: {SCRAPE_S}s
+  scrape_timeout: {SCRAPE_S}s
+  evaluation_interval: {SCRAPE_S}s
+scrape_configs:
+  - job_name: pushgateway
+    honor_labels: true  # keep the pushed job/run_id/stage labels
+    static_configs:
+      - targets: ["{pushgateway}"]
+  - job_name: triton
+    static_configs:
+      - targets: ["{triton}"]
+"""
+
+
+def _start(cmd: list[str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + START_DEADLINE_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args[0]} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if urllib.request.urlopen(url, timeout=1).status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"{url} not ready after {START_DEADLINE_S:.0f} s:\n{log_path.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def prom_stack(tmp_path_factory) -> Iterator[PromStack]:
+    missing = [b for b in BINARIES if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"needs the {' and '.join(missing)} binar{'ies' if len(missing) > 1 else 'y'} "
+                    "(apt-get install -y --no-install-recommends prometheus prometheus-pushgateway; "
+                    "scripts/test.sh installs them in CI)")
+    work = tmp_path_factory.mktemp("prometheus")
+    host = "127.0.0.1"
+    pg_addr, prom_addr = f"{host}:{free_port(host)}", f"{host}:{free_port(host)}"
+    triton_port = free_port(host)
+    (work / "prometheus.yml").write_text(prometheus_config(pg_addr, f"{host}:{triton_port}"))
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(_start(["prometheus-pushgateway", f"--web.listen-address={pg_addr}"],
+                            work / "pushgateway.log"))
+        procs.append(_start(["prometheus", f"--config.file={work / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={work / 'tsdb'}", f"--web.listen-address={prom_addr}"],
+                            work / "prometheus.log"))
+        _wait_ready(f"http://{pg_addr}/-/ready", procs[0], work / "pushgateway.log")
+        _wait_ready(f"http://{prom_addr}/-/ready", procs[1], work / "prometheus.log")
+        yield PromStack(f"http://{prom_addr}", pg_addr, triton_port)
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+# -- training -> Pushgateway -> Prometheus --------------------------------------------------------
+@pytest.mark.slow
+def test_training_pushes_reach_prometheus(prom_stack, tiny_dataset, tmp_path):
+    torch.set_num_threads(1)
+    run_id = f"e2e-{time.time_ns()}"  # unique: the Pushgateway and Prometheus outlive a single test
+    injected = [1, 2, 3]  # three poisoned losses, never two in a row: skipped, counted, no rollback
+    cfg = tiny_cfg(tiny_dataset, tmp_path / run_id, "engine.epochs=2", "engine.max_steps=6",
+                   f"engine.nan_guard.inject_steps={injected}", "engine.metrics.push_every_steps=1",
+                   f"engine.metrics.pushgateway={prom_stack.pushgateway}")
+    result = train_recognizer(cfg)
+    assert result.nan_events["loss"] == len(injected) and result.rollbacks == 0
+
+    nan_total = prom_stack.wait_for(f'sum(faceops_nan_events_total{{run_id="{run_id}"}})',
+                                    lambda r: scalar(r) == len(injected))
+    assert scalar(nan_total) == len(injected)
+    by_kind = prom_stack.query(f'faceops_nan_events_total{{run_id="{run_id}"}}')
+    assert {s["metric"]["kind"]: float(s["value"][1]) for s in by_kind} == {"loss": 3.0, "grad": 0.0,
+                                                                            "param": 0.0}
+    loss = prom_stack.wait_for(f'faceops_train_loss{{run_id="{run_id}"}}', lambda r: len(r) == 1)
+    labels = loss[0]["metric"]
+    assert labels["job"] == "faceops" and labels["stage"] == "train_recognizer"
+    assert labels["model"] == "edgeface_xxs"
+    assert math.isfinite(scalar(loss)) and scalar(loss) > 0
+    ips = prom_stack.wait_for(f'faceops_train_images_per_second{{run_id="{run_id}"}}', lambda r: len(r) == 1)
+    assert scalar(ips) > 0
+    steps = prom_stack.wait_for(f'faceops_train_steps_total{{run_id="{run_id}"}}', lambda r: len(r) == 1)
+    assert scalar(steps) == result.steps
+
+
+@pytest.mark.slow
+def test_pushgateway_from_environment(prom_stack, monkeypatch):
+    """FACEOPS_PUSHGATEWAY alone (the cluster's way) is enough; each push replaces the run's group."""
+    monkeypatch.setenv("FACEOPS_PUSHGATEWAY", prom_stack.pushgateway)
+    run_id = f"env-{time.time_ns()}"
+    metrics = StageMetrics("evaluate", run_id, "edgeface_xxs")
+    metrics.labels(metrics.eval_metric, name="accuracy", setting="hr").set(0.75)
+    metrics.push()
+    metrics.labels(metrics.eval_metric, name="accuracy", setting="hr").set(0.875)
+    metrics.close()  # the final push
+    promql = f'faceops_eval_metric{{run_id="{run_id}", stage="evaluate", name="accuracy"}}'
+    assert scalar(prom_stack.wait_for(promql, lambda r: scalar(r) == 0.875)) == 0.875
+
+
+# -- Triton's own metrics --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_prometheus_scrapes_local_triton(prom_stack, tmp_path):
+    pytest.importorskip("pytriton", reason="the local Triton needs nvidia-pytriton: pip install 'faceops[serve]'")
+    from faceops.export import export_modules
+    from faceops.models import RecognizerConfig, create_recognizer
+    from faceops.serve import FaceClient, LocalTriton
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    recognizer = create_recognizer(RecognizerConfig(name="edgeface_xxs")).eval()
+    export_modules(recognizer, str(tmp_path / "repo"))
+    batches = [2, 3, 1]
+    with LocalTriton(str(tmp_path / "repo"), metrics_port=prom_stack.triton_metrics_port) as triton:
+        client = FaceClient(triton.grpc_url, timeout=30.0)
+        rng = np.random.default_rng(0)
+        for n in batches:
+            x = rng.uniform(-1, 1, (n, 3, 112, 112)).astype(np.float32)
+            assert client.infer("recognizer", x).shape == (n, 512)
+        count = prom_stack.wait_for('sum(nv_inference_count{job="triton", model="recognizer"})',
+                                    lambda r: scalar(r) == sum(batches))
+        assert scalar(count) > 0
+        ok = prom_stack.query('sum(nv_inference_request_success{job="triton", model="recognizer"})')
+        assert scalar(ok) == len(batches)
+
+
+# -- the local-run path: /metrics on a port while training ---------------------------------------
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_metrics_port_serves_during_training_and_is_freed(tiny_dataset, tmp_path):
+    torch.set_num_threads(1)
+    port = free_port()
+    cfg = tiny_cfg(tiny_dataset, tmp_path / "local-run", "engine.epochs=2", f"engine.metrics.port={port}",
+                   "engine.nan_guard.inject_steps=[1]")
+    pages: list[str] = []
+
+    def scrape_between_epochs(epoch: int, engine) -> None:
+        if epoch == 1:  # after one full epoch: loss, steps and the NaN event are set
+            pages.append(http_get(f"http://127.0.0.1:{port}/metrics"))
+
+    train = load_split(tiny_dataset, "train", views=["hr"])
+    task = RecognizerTask(cfg, train, None, torch.device("cpu"))
+    fit_task(task, train, cfg.loader, cfg.engine, cfg.out, {}, "", resume=False,
+             on_epoch_start=scrape_between_epochs)
+    assert len(pages) == 1
+    samples = {(s.name, s.labels.get("kind")): s for f in text_string_to_metric_families(pages[0])
+               for s in f.samples}
+    loss = samples[("faceops_train_loss", None)]
+    assert loss.labels == {"stage": "train_recognizer", "run_id": "local-run", "model": "edgeface_xxs"}
+    assert math.isfinite(loss.value) and loss.value > 0
+    assert samples[("faceops_nan_events_total", "loss")].value == 1.0
+    assert samples[("faceops_train_steps_total", None)].value >= 1
+    assert not _port_open(port), f"port {port} still open after training ended"
+
+
+def test_stage_metrics_port_binds_loopback_and_closes():
+    port = free_port()
+    metrics = StageMetrics("evaluate", "port-check", "edgeface_xxs", MetricsConfig(port=port))
+    try:
+        metrics.labels(metrics.eval_metric, name="eer", setting="hr").set(0.125)
+        page = http_get(f"http://127.0.0.1:{port}/metrics")
+        assert ('faceops_eval_metric{model="edgeface_xxs",name="eer",run_id="port-check",setting="hr",'
+                'stage="evaluate"} 0.125') in page
+        assert 'faceops_nan_events_total{kind="param",model="edgeface_xxs",run_id="port-check"' in page
+        assert not _port_open(port, "127.0.0.2"), "bound beyond 127.0.0.1 (another loopback address answers)"
+    finally:
+        metrics.close()
+    assert not _port_open(port)
+    again = StageMetrics("evaluate", "port-reuse", "", MetricsConfig(port=port))  # the next run gets it
+    try:
+        assert 'run_id="port-reuse"' in http_get(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        again.close()
