@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{source} not found: set FACEOPS_DATA to the folder holding lfw_devtrain")
     with tempfile.TemporaryDirectory(prefix="faceops-bench-ingest-") as tmp:
         figures = run(source, args.seconds, args.batch, args.center_crop, args.workers, tmp)
-    notes = ("Reader: one process, one torch thread, batch {b}, recognizer-recipe augmentation; baseline: "
-             "PIL decode + bilinear resize to 112 + float tensor of the same train files. *_per_cpu_s = "
-             "per core (process CPU time), robust to a shared machine.").format(b=args.batch)
+    notes = (f"Reader: one process, one torch thread, batch {args.batch}, recognizer-recipe augmentation; "
+             "baseline: PIL decode + bilinear resize to 112 + float tensor of the same train files. "
+             "*_per_cpu_s = per core (process CPU time), robust to a shared machine.")
     save_result(args.name, figures, notes)
     return figures
 

@@ -79,15 +79,19 @@ def steady_rate(stamps: list[float], batch: int) -> float:
     return (len(stamps) - 1) * batch / (stamps[-1] - stamps[0])
 
 
-def make_bench(model: str, batch: int, classes: int, steps: int, checkpoint_every: int, work: str) -> Bench:
+def make_bench(model: str, batch: int, classes: int, steps: int, checkpoint_every: int, work: str,
+               device: str) -> Bench:
     cfg = RecognizerTrainConfig(model=RecognizerConfig(name=model),
                                 loader=LoaderConfig(batch_size=batch, augment=AugmentConfig(enabled=False)))
     e = cfg.engine
-    e.device, e.progress, e.epochs, e.max_steps = "cpu", True, 1_000_000, steps
+    e.device, e.progress, e.epochs, e.max_steps = device, True, 1_000_000, steps
     e.checkpoint_every_steps = checkpoint_every
+    e.amp = "off"  # fp32 on both sides (the bare loop has no autocast), comparable with the fp32 GEMM peak
     data = synthetic_split(batch * (steps + 4), classes)  # one epoch covers a round: no epoch end inside
     torch.manual_seed(0)
-    task = TimedRecognizerTask(cfg, data, None, torch.device("cpu"))
+    task = TimedRecognizerTask(cfg, data, None, torch.device(device))
+    task.model.to(device)
+    task.head.to(device)
     task.stamps = []
     return Bench(task, BatchDataset(data, cfg.loader, seed=0), cfg, work)
 
@@ -100,13 +104,16 @@ def run_bare(b: Bench, steps: int) -> float:
     task.model.train()
     task.head.train()
     b.train_set.set_epoch(b.train_set.epoch + 1)
+    device = torch.device(b.cfg.engine.device)
     stamps = []
     for k, batch in enumerate(make_loader(b.train_set)):
         if k == steps:
             break
+        synchronize(device)  # CUDA: time finished work, as the engine's loss.item() does
         stamps.append(time.perf_counter())
-        emb = task.model(batch["hr"])
-        logits, labels = task.head(emb, batch["label"])
+        x, y = batch["hr"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+        emb = task.model(x)
+        logits, labels = task.head(emb, y)
         loss = task.criterion(logits, labels)
         b.bare_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -125,36 +132,46 @@ def run_engine(b: Bench, steps: int, round_id: str) -> float:
     return steady_rate(b.task.stamps, b.cfg.loader.batch_size)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def forward_flops_per_image(model: torch.nn.Module) -> float:
     """Forward FLOPs of one 112x112 image (eval mode, batch 2 so BatchNorm1d is happy)."""
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(2, 3, HR_SIZE, HR_SIZE))
+        model(torch.zeros(2, 3, HR_SIZE, HR_SIZE, device=next(model.parameters()).device))
     model.train(was_training)
     return counter.get_total_flops() / 2
 
 
-def gemm_peak_gflops(seconds: float = 2.0, repeats: int = 3) -> float:
+def gemm_peak_gflops(device: torch.device, seconds: float = 2.0, repeats: int = 3) -> float:
     """Best of ``repeats`` timed loops of a 2048x2048 fp32 matmul: the machine's practical peak."""
-    a, b = torch.randn(GEMM_N, GEMM_N), torch.randn(GEMM_N, GEMM_N)
+    a, b = torch.randn(GEMM_N, GEMM_N, device=device), torch.randn(GEMM_N, GEMM_N, device=device)
     torch.mm(a, b)
     best = 0.0
     for _ in range(repeats):
+        synchronize(device)
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             torch.mm(a, b)
             n += 1
+            if n % 8 == 0:
+                synchronize(device)
+        synchronize(device)
         best = max(best, 2 * GEMM_N**3 * n / (time.perf_counter() - t0) / 1e9)
     return best
 
 
 def bench_model(model: str, args: argparse.Namespace, work: str) -> dict:
-    probe = make_bench(model, args.batch, args.classes, 4, args.checkpoint_every, f"{work}/{model}-probe")
+    probe = make_bench(model, args.batch, args.classes, 4, args.checkpoint_every, f"{work}/{model}-probe",
+                       args.device)
     run_bare(probe, 2)  # warm-up (allocator, kernels)
     step_s = args.batch / run_bare(probe, 3)
-    steps = max(args.checkpoint_every + 2, int(args.seconds / args.rounds / step_s))
-    b = make_bench(model, args.batch, args.classes, steps, args.checkpoint_every, f"{work}/{model}")
+    steps = min(args.max_steps, max(args.checkpoint_every + 2, int(args.seconds / args.rounds / step_s)))
+    b = make_bench(model, args.batch, args.classes, steps, args.checkpoint_every, f"{work}/{model}", args.device)
     run_engine(b, 3, "warmup")
     run_bare(b, 3)
     for r in range(args.rounds):  # interleaved; the order alternates so drift hits both sides alike
@@ -181,6 +198,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="interleaved bare/engine rounds")
     p.add_argument("--checkpoint-every", type=int, default=25,
                    help="engine checkpoint cadence in steps (inside every timed round; default run: 200)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (both sides fp32, synchronised once per step)")
+    p.add_argument("--max-steps", type=int, default=400, help="cap on steps per measurement (fast devices)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all usable cores)")
     p.add_argument("--name", default="train", help="result name (bench/results/<name>.json)")
     return p
@@ -190,18 +209,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    peak_before = gemm_peak_gflops()
+    device = torch.device(args.device)
+    peak_before = gemm_peak_gflops(device)
     figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="faceops-bench-train-") as work:
         for model in args.models:
             figures[model] = bench_model(model, args, work)
-    peak = max(peak_before, gemm_peak_gflops())
+    peak = max(peak_before, gemm_peak_gflops(device))
     for model in args.models:
         figures[model]["fraction_of_gemm_peak"] = figures[model]["achieved_gflop_per_s"] / peak
     figures["gemm_peak_gflop_per_s"] = peak
     figures["threads"] = threads
     figures["batch"] = args.batch
-    notes = (f"CPU, fp32, {threads} threads, batch {args.batch}, {args.classes} identities, augmentation off "
+    figures["device"] = args.device
+    notes = (f"{args.device}, {threads} threads, batch {args.batch}, {args.classes} identities, augmentation off "
              f"(both sides read the same in-memory BatchDataset); engine checkpoints every "
              f"{args.checkpoint_every} steps, NaN guard, clipping 5.0, metrics and progress bar on. "
              "FLOPs: forward x3; GEMM peak: best 2048x2048 matmul loop before/after.")

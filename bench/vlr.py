@@ -4,7 +4,8 @@ The chain ``ingest -> train recognizer -> train DSR (per size) -> fine-tune on D
 -> evaluate`` runs on ``../shared/data/lfw_devtrain`` (centre crop 128), identity-disjoint splits: the
 models never see the test split's people, which the table is measured on (verification accuracy,
 TAR@FAR=1e-3, rank-1, plus DSR PSNR/SSIM against bicubic). Each training stage gets a CPU budget in
-minutes (``--minutes-per-stage``): its step count is the budget divided by a measured step time, so
+minutes (``--minutes-per-stage``): its step count is the budget divided by the step time of a probe
+run of the same stage (measured, not assumed, on a shared machine), so
 figures from a small budget are a floor, not what the recipe reaches.
 
 Models land in ``bench/artifacts/vlr/`` (git-ignored) as ``recognizer.pt``, ``dsr_32x32.pt``,
@@ -19,6 +20,7 @@ Goal (issue): DSR + fine-tuning recovers at least half of the accuracy bicubic l
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shutil
 import time
@@ -32,11 +34,10 @@ from faceops.config import to_dict
 from faceops.data.ingest import IngestConfig, ingest
 from faceops.data.prepare import PrepareConfig
 from faceops.evaluate import evaluate
-from faceops.models import DSRConfig, RecognizerConfig, create_dsr, create_recognizer
+from faceops.models import RecognizerConfig
 from faceops.train.checkpoint import load_model
 from faceops.train.dsr import dsr_recipe, train_dsr
 from faceops.train.finetune import finetune_edgeface, finetune_recipe
-from faceops.train.losses import DSRLoss
 from faceops.train.recognizer import RecognizerTrainConfig, train_recognizer
 
 from ._runner import save_result
@@ -51,46 +52,23 @@ def data_root() -> Path:
     return Path(os.environ.get("FACEOPS_DATA") or REPO.parent / "shared" / "data")
 
 
-def seconds_per_step(step: Callable[[], torch.Tensor], repeats: int = 2) -> float:
-    """Wall time of one optimiser-free forward + backward (after one warm-up)."""
-    step().backward()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        step().backward()
-    return (time.perf_counter() - t0) / repeats
+def seconds_per_step(train: Callable, cfg, name: str, work: Path, probe_steps: int = 6) -> float:
+    """Wall time per step of a short probe run of the real stage (setup and validation included, so
+    the estimate errs on the long side and the stage stays within its budget on a busy machine)."""
+    probe = copy.deepcopy(cfg)
+    probe.out, probe.engine.max_steps = str(work / "probe" / name), probe_steps
+    t0 = time.time()
+    train(probe)
+    return (time.time() - t0) / probe_steps
 
 
-def steps_for(budget_min: float, step_s: float, overhead: float = 0.75) -> int:
-    """Optimiser steps that fit ``budget_min`` (a share goes to data, optimiser and validation)."""
-    return max(5, int(budget_min * 60 * overhead / step_s))
+def steps_for(budget_min: float, step_s: float) -> int:
+    return max(5, int(budget_min * 60 / step_s))
 
 
 def _vlr(size: str, batch: int) -> torch.Tensor:
     w, h = (int(v) for v in size.split("x"))
     return torch.rand(batch, 3, h, w) * 2 - 1
-
-
-def recognizer_step_s(model_cfg: RecognizerConfig, batch: int) -> float:
-    model = create_recognizer(model_cfg)
-    x = torch.rand(batch, 3, 112, 112) * 2 - 1
-    return seconds_per_step(lambda: model(x).sum())
-
-
-def dsr_step_s(dsr_cfg: DSRConfig, rec: torch.nn.Module, loss_cfg, batch: int) -> float:
-    dsr, loss = create_dsr(dsr_cfg), DSRLoss(loss_cfg, rec)
-    vlr, hr = _vlr(dsr_cfg.vlr_size, batch), torch.rand(batch, 3, 112, 112) * 2 - 1
-    return seconds_per_step(lambda: loss(dsr(vlr), hr)[0])
-
-
-def finetune_step_s(dsr: torch.nn.Module, model_cfg: RecognizerConfig, size: str, batch: int) -> float:
-    rec, vlr = create_recognizer(model_cfg), _vlr(size, batch)
-
-    def step() -> torch.Tensor:
-        with torch.no_grad():
-            x = dsr(vlr)
-        return rec(x).sum()
-
-    return seconds_per_step(step)
 
 
 def train_images(data: str) -> int:
@@ -148,13 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     model_cfg = RecognizerConfig(name=args.recognizer)
     rc = RecognizerTrainConfig(data=data, out=str(work / "recognizer"), model=model_cfg)
     rc.loader.batch_size, rc.engine.progress, rc.engine.epochs = 32, False, 1000
-    rc.engine.max_steps = steps_for(budget, recognizer_step_s(model_cfg, rc.loader.batch_size))
+    rc.engine.max_steps = steps_for(budget, seconds_per_step(train_recognizer, rc, "recognizer", work))
     rc.engine.schedule.warmup_steps = max(1, rc.engine.max_steps // 10)
     t0 = time.time()
     rec_uri = train_recognizer(rc).best_checkpoint
     timings["recognizer_s"] = time.time() - t0
     artifacts = {"recognizer": publish(rec_uri, "recognizer", rc, "recognizer")}
-    rec_module, _ = load_model(rec_uri)
 
     table: dict[str, dict] = {}
     for size in SIZES:
@@ -163,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         dc.model.base_channels, dc.model.residual_blocks = args.dsr_channels, args.dsr_blocks
         dc.engine.progress, dc.engine.epochs, dc.val_max_images = False, 1000, 256
         dc.engine.optim.lr = 5e-4  # a few hundred steps need more than the recipe's 1.3e-4
-        dc.engine.max_steps = steps_for(budget, dsr_step_s(dc.model, rec_module, dc.losses, dc.loader.batch_size))
+        dc.engine.max_steps = steps_for(budget, seconds_per_step(train_dsr, dc, f"dsr_{size}", work))
         dc.engine.schedule.warmup_steps = max(1, dc.engine.max_steps // 10)
         t0 = time.time()
         dsr_uri = train_dsr(dc).best_checkpoint
@@ -172,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
 
         fc = finetune_recipe(size)
         fc.data, fc.out, fc.dsr, fc.init_from = data, str(work / f"finetune_{size}"), dsr_uri, rec_uri
-        dsr_module, _ = load_model(dsr_uri)
-        steps = steps_for(budget, finetune_step_s(dsr_module, model_cfg, size, fc.loader.batch_size))
+        fc.engine.progress = False
+        steps = steps_for(budget, seconds_per_step(finetune_edgeface, fc, f"finetune_{size}", work))
         epoch = max(1, train_images(data) // fc.loader.batch_size)
         # stage 1 (one epoch) only when the budget leaves room for stage 2; the head comes from the
         # recognizer run (same dataset), so a short budget goes to stage 2

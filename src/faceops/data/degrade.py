@@ -11,17 +11,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFilter
 
-from faceops.config import check
+from faceops.config import ConfigError, check
 
 
 def parse_size(size: str) -> tuple[int, int]:
     """``"14x16"`` -> (width 14, height 16); arrays of that view are [16, 14, 3]."""
     try:
-        w, h = (int(v) for v in size.lower().split("x"))
+        w, h = (int(v) for v in str(size).lower().split("x"))
     except ValueError:
-        raise ValueError(f"VLR size {size!r} must look like WxH, e.g. 32x32 or 14x16") from None
+        raise ConfigError(f"size {size!r} must look like WxH, e.g. 32x32 or 14x16") from None
     if w < 4 or h < 4:
-        raise ValueError(f"VLR size {size!r} is too small (min 4x4)")
+        raise ConfigError(f"size {size!r} is too small (min 4x4)")
     return w, h
 
 

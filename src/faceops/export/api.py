@@ -65,14 +65,6 @@ class CalibData:
         return cls(hr=data.hr, vlr=dict(data.vlr), pairs=list(data.pairs))
 
 
-def parse_size(size: str) -> tuple[int, int]:
-    """``"32x32"`` / ``"14x16"`` (W x H) -> (w, h), as a FaceopsError when malformed."""
-    try:
-        return degrade.parse_size(size)
-    except ValueError as exc:
-        raise FaceopsError(f"DSR model: {exc}") from None
-
-
 def _batch(images: np.ndarray | None, dims: tuple[int, int, int], n: int, what: str) -> torch.Tensor:
     if images is not None and len(images):
         return to_input(images[:n])
@@ -139,7 +131,7 @@ def _export_vlr(pending, report: dict, recognizer: nn.Module, dsr: nn.Module, si
                 names: tuple[str, str, str], calib: CalibData | None, cfg: ExportConfig, work: Path) -> None:
     """DSR model, fused DSR->recognizer model and the ensemble for one VLR size."""
     dsr_name, ens_name, fused_name = names
-    w, h = parse_size(size)
+    w, h = degrade.parse_size(size)
     vlr_dims = (3, h, w)
     vlr_spec = [TensorSpec("input", vlr_dims)]
     vlr_batch = _batch(calib.vlr.get(size) if calib else None, vlr_dims, cfg.parity_batch, dsr_name)

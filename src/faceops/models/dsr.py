@@ -15,7 +15,6 @@ training so pixel losses can pull values back into range).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,21 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from faceops.config import ConfigError, check
+from faceops.config import check
+from faceops.data.degrade import parse_size
 from faceops.errors import FaceopsError
 from faceops.models.registry import Registry
 
 SHUFFLE_FACTORS = (2, 3)  # pixel-shuffle steps the up-sampler is built from
-SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"14x16"`` -> (width 14, height 16); arrays are [N, 3, H, W]."""
-    match = SIZE_PATTERN.match(str(text))
-    if not match or min(int(match[1]), int(match[2])) <= 0:
-        raise ConfigError(f"size {text!r} is not WIDTHxHEIGHT with positive integers, "
-                          "e.g. '32x32' or '14x16'")
-    return int(match[1]), int(match[2])
 
 
 @dataclass

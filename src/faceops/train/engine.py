@@ -72,6 +72,7 @@ class NanGuardConfig:
     budget: int = 50  # total events after which training stops with an error
     snapshot_every: int = 25  # good steps between in-memory rollback snapshots
     check_params_every: int = 1  # steps between parameter finiteness checks
+    min_loss_scale: float = 1.0  # fp16: inf grads are the GradScaler's normal overflow skip above this scale
     inject_steps: list[int] = field(default_factory=list)  # fault injection (tests, demos)
     inject_kind: Literal["loss", "grad"] = "loss"
 
@@ -257,6 +258,7 @@ class Engine:
         self.nan_events = {"loss": 0, "grad": 0, "param": 0}
         self.consecutive_nan = 0
         self.rollbacks = 0
+        self.overflow_skips = 0  # fp16 loss-scale overflows (not NaN events)
         self.history: list[dict] = []
         self._snapshot: dict | None = None
         self._good_since_snapshot = 0
@@ -494,6 +496,12 @@ class Engine:
         max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if not torch.isfinite(grad_norm) or not _all_finite(grads):
+            if self.scaler.is_enabled() and self.scaler.get_scale() > g.min_loss_scale:
+                self.scaler.step(self.optimizer)  # fp16 overflow: the scaler skips the step, lowers its scale
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.overflow_skips += 1
+                return False
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
             self._nan_event("grad")
