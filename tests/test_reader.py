@@ -16,30 +16,36 @@ def test_batches_depend_only_on_seed_epoch_and_index(tiny_dataset):
     b = BatchDataset(data, cfg, seed=3)
     b.set_epoch(1)
     b.set_epoch(0)
-    first = [x for x in make_loader(a)]
-    resumed = [x for x in make_loader(b, start_batch=2)]
+    cpu = torch.device("cpu")
+    first = [a.to_device(x, cpu) for x in make_loader(a)]
+    resumed = [b.to_device(x, cpu) for x in make_loader(b, start_batch=2)]
     for x, y in zip(first[2:], resumed, strict=True):
         assert torch.equal(x["hr"], y["hr"]) and torch.equal(x["label"], y["label"])
     assert first[0]["hr"].dtype == torch.float32 and first[0]["hr"].shape == (4, 3, 112, 112)
     assert first[0]["vlr"].shape == (4, 3, 32, 32)
     assert first[0]["hr"].min() >= -1 and first[0]["hr"].max() <= 1
     a.set_epoch(1)
-    assert not torch.equal(a[0]["hr"], first[0]["hr"])  # a new epoch reshuffles and re-augments
+    assert not torch.equal(a.to_device(a[0], cpu)["hr"], first[0]["hr"])  # new epoch: reshuffled, re-augmented
+    assert a[0]["hr"].dtype == torch.uint8  # workers only gather bytes
 
 
 def test_worker_processes_give_the_same_batches(tiny_dataset):
     data = load_split(tiny_dataset, "train")
     in_proc = BatchDataset(data, LoaderConfig(batch_size=4), seed=0)
     workers = BatchDataset(data, LoaderConfig(batch_size=4, workers=2), seed=0)
+    cpu = torch.device("cpu")
     for x, y in zip(make_loader(in_proc), make_loader(workers), strict=True):
-        assert torch.equal(x["hr"], y["hr"])
+        assert torch.equal(in_proc.to_device(x, cpu)["hr"], workers.to_device(y, cpu)["hr"])
 
 
 def test_ddp_ranks_split_the_global_batch(tiny_dataset):
     data = load_split(tiny_dataset, "train")
     cfg = LoaderConfig(batch_size=8)
-    whole = BatchDataset(data, cfg, seed=0)[1]
-    parts = [BatchDataset(data, cfg, seed=0, rank=r, world_size=2)[1] for r in range(2)]
+    cpu = torch.device("cpu")
+    one = BatchDataset(data, cfg, seed=0)
+    whole = one.to_device(one[1], cpu)
+    ranks = [BatchDataset(data, cfg, seed=0, rank=r, world_size=2) for r in range(2)]
+    parts = [ds.to_device(ds[1], cpu) for ds in ranks]
     assert torch.equal(torch.cat([p["hr"] for p in parts]), whole["hr"])
 
 

@@ -40,27 +40,37 @@ class Augment:
     def __init__(self, cfg: AugmentConfig):
         self.cfg = cfg
 
-    def __call__(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict[str, torch.Tensor], gen: torch.Generator, start: int = 0,
+                 total: int | None = None) -> dict[str, torch.Tensor]:
+        """Augment ``batch`` (float NCHW in [-1, 1], on ``gen``'s device). Random draws are made for a
+        global batch of ``total`` samples and rows ``start:start+n`` are used, so DDP ranks holding
+        slices of one global batch augment exactly as one process would."""
         cfg = self.cfg
         if not cfg.enabled:
             return batch
         views = [k for k in ("hr", "vlr") if k in batch]
         n = batch[views[0]].shape[0]
+        total = total or n
+        dev = gen.device
+        rows = slice(start, start + n)
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.rand(total, *shape, generator=gen, device=dev)[rows]
 
         def u(lo: float, hi: float) -> torch.Tensor:
-            return torch.rand(n, generator=gen) * (hi - lo) + lo
+            return rand() * (hi - lo) + lo
 
-        flip = torch.rand(n, generator=gen) < cfg.flip_p
-        rot = torch.rand(n, generator=gen) < cfg.rotate_p
+        flip = rand() < cfg.flip_p
+        rot = rand() < cfg.rotate_p
         angle = u(-cfg.rotate_deg, cfg.rotate_deg) * rot * math.pi / 180
         shift = torch.stack([u(-cfg.translate, cfg.translate), u(-cfg.translate, cfg.translate)], 1) * 2
-        jit = (torch.rand(n, generator=gen) < cfg.jitter_p).float()
+        jit = (rand() < cfg.jitter_p).float()
         bright = 1 + u(-cfg.brightness, cfg.brightness) * jit
         contr = 1 + u(-cfg.contrast, cfg.contrast) * jit
         sat = 1 + u(-cfg.saturation, cfg.saturation) * jit
         cos, sin = torch.cos(angle), torch.sin(angle)
         sx = torch.where(flip, -1.0, 1.0)
-        theta = torch.zeros(n, 2, 3)
+        theta = torch.zeros(n, 2, 3, device=dev)
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = cos * sx, -sin, shift[:, 0]
         theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sin * sx, cos, shift[:, 1]
         noisy = "vlr" if "vlr" in batch else "hr"
@@ -71,7 +81,8 @@ class Augment:
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
             x = self._colour(x, bright, contr, sat)
             if k == noisy and cfg.noise_std > 0:
-                x = x + torch.randn(x.shape, generator=gen) * cfg.noise_std
+                noise = torch.randn(total, *x.shape[1:], generator=gen, device=dev)[rows]
+                x = x + noise * cfg.noise_std
             out[k] = x.clamp_(-1, 1)
         return out
 

@@ -114,10 +114,12 @@ class LoaderConfig:
 
 
 class BatchDataset(Dataset):
-    """Item ``b`` is batch ``b`` of the current epoch: {'hr', 'label'[, 'vlr']} tensors.
+    """Item ``b`` is batch ``b`` of the current epoch as uint8 NHWC tensors {'hr', 'label'[, 'vlr']}
+    plus the augmentation seed; :meth:`to_device` turns it into float network input on the training
+    device and augments it there (on a GPU the CPU only gathers bytes, so few workers feed it).
 
     ``rank``/``world_size`` shard every batch for DDP: each rank gets its slice of the same global
-    batch, so N processes see exactly the batches one process would.
+    batch (augmented with the global batch's draws), so N processes see exactly what one would.
     """
 
     def __init__(self, data: SplitData, cfg: LoaderConfig, seed: int, train: bool = True,
@@ -153,15 +155,25 @@ class BatchDataset(Dataset):
 
     def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
         idx = self.order[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size]
-        out = {"hr": to_input(self.data.hr[idx]), "label": torch.from_numpy(self.data.labels[idx])}
+        part = np.array_split(np.arange(len(idx)), self.world_size)[self.rank]
+        mine = idx[part]
+        out = {"hr": torch.from_numpy(self.data.hr[mine]), "label": torch.from_numpy(self.data.labels[mine])}
         if self.cfg.vlr_view:
-            out["vlr"] = to_input(self.data.vlr[self.cfg.vlr_view][idx])
-        if self.augment is not None:  # drawn for the global batch, so every rank slices the same draws
-            state = np.random.SeedSequence([self.seed, self.epoch, b]).generate_state(1)[0]
-            out = self.augment(out, torch.Generator().manual_seed(int(state)))
-        if self.world_size > 1:
-            part = np.array_split(np.arange(len(idx)), self.world_size)[self.rank]
-            out = {k: v[part] for k, v in out.items()}
+            out["vlr"] = torch.from_numpy(self.data.vlr[self.cfg.vlr_view][mine])
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, b]).generate_state(1)[0])
+        out["aug"] = torch.tensor([seed, int(part[0]) if len(part) else 0, len(idx)], dtype=torch.int64)
+        return out
+
+    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """uint8 batch -> float NCHW in [-1, 1] on ``device``, augmented (training) with its seed."""
+        seed, start, total = (int(v) for v in batch["aug"])
+        out = {"label": batch["label"].to(device, non_blocking=True)}
+        for view in ("hr", "vlr"):
+            if view in batch:
+                out[view] = to_input(batch[view].to(device, non_blocking=True))
+        if self.augment is not None:
+            gen = torch.Generator(device=device).manual_seed(seed)
+            out = self.augment(out, gen, start, total)
         return out
 
 

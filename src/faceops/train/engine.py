@@ -446,7 +446,7 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         micro = 0
         for batch in loader:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = self.train_set.to_device(batch, self.device)
             loss, stats = self._forward_loss(batch)
             if self._should_inject("loss"):
                 loss = loss * float("nan")
