@@ -5,7 +5,10 @@ Figures (written to bench/results/ingest.json):
 * ``ingest``: images/s of ``faceops ingest`` on ``../shared/data/lfw_devtrain`` (centre crop 128, every
   core, into a temporary local store): decode, prepare, VLR degradation, shards, manifest.
 * ``reader``: the training reader in ONE process with ONE torch thread (a DataLoader worker's share):
-  ``BatchDataset`` batches of 256 with the recognizer recipe's augmentation, for ``--seconds``.
+  ``BatchDataset`` batches of 256 gathered and turned into augmented float input on the CPU
+  (``to_device``) with the recognizer recipe's augmentation, for ``--seconds``.
+  ``reader_no_augment``: the same without augmentation; ``reader_gather_only``: the uint8 gather alone
+  (what a DataLoader worker does when augmentation runs on the GPU).
 * ``jpeg_baseline``: the same process decoding the same source files with PIL (decode + resize to
   112 + to a float tensor), one by one: what a reader that keeps JPEGs would pay.
 * ``reader_vs_jpeg``: reader images/s divided by baseline images/s, measured in this run.
@@ -74,15 +77,20 @@ def bench_ingest(source: Path, store: str, crop: int, workers: int) -> tuple[dic
     return figures, result.uri
 
 
-def reader_work(ds: BatchDataset) -> Callable[[], int]:
-    """One batch per call, walking epochs so the order and augmentation draws keep changing."""
+def reader_work(ds: BatchDataset, convert: bool = True) -> Callable[[], int]:
+    """One batch per call, walking epochs so the order and augmentation draws keep changing:
+    the gather of uint8 bytes (a DataLoader worker's part) and, with ``convert``, the conversion to
+    float input + augmentation on the CPU (``BatchDataset.to_device``, the training process's part)."""
     state = {"b": 0}
+    cpu = torch.device("cpu")
 
     def work() -> int:
         if state["b"] >= len(ds):
             ds.set_epoch(ds.epoch + 1)
             state["b"] = 0
         batch = ds[state["b"]]
+        if convert:
+            batch = ds.to_device(batch, cpu)
         state["b"] += 1
         return len(batch["label"])
 
@@ -145,10 +153,12 @@ def run(source: Path, seconds: float, batch: int, crop: int, workers: int, work_
         w()
     timed_rate(jpeg_work(paths), 1.0)
     rounds = 2  # interleaved, so a noisy neighbour hits every measurement alike
-    parts: dict[str, list[dict]] = {"reader": [], "reader_no_augment": [], "jpeg_baseline": []}
+    parts: dict[str, list[dict]] = {"reader": [], "reader_no_augment": [], "reader_gather_only": [],
+                                    "jpeg_baseline": []}
     for _ in range(rounds):
         parts["reader"].append(timed_rate(reader_work(ds), seconds / rounds))
-        parts["reader_no_augment"].append(timed_rate(reader_work(plain), seconds / (2 * rounds)))
+        parts["reader_no_augment"].append(timed_rate(reader_work(plain), seconds / (4 * rounds)))
+        parts["reader_gather_only"].append(timed_rate(reader_work(ds, convert=False), seconds / (4 * rounds)))
         parts["jpeg_baseline"].append(timed_rate(jpeg_work(paths), seconds / rounds))
     for name, runs in parts.items():
         figures[name] = merge(runs)

@@ -13,13 +13,15 @@ For each backbone (default ``edgeface_xs_gamma_06`` and ``resnet34``, batch 32, 
   ``gemm_peak_gflop_per_s``, a 2048x2048 fp32 matmul loop on the same threads.
 
 Steady-state rates come from timestamps taken at every loss call (start-up and the final checkpoint
-are outside the window); each side is warmed up first. Run from the repository root:
+are outside the window); each side is warmed up first. ``--ablate`` adds the engine with one feature
+off at a time (``engine_vs_bare_with_one_feature_off``), to show what each feature costs. Run from the repository root:
 ``python -m bench.train [--seconds 40]`` (writes bench/results/train.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -32,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from faceops.data.augment import AugmentConfig
 from faceops.data.reader import BatchDataset, LoaderConfig, SplitData, make_loader
 from faceops.models import RecognizerConfig
-from faceops.train.engine import Engine, build_optimizer
+from faceops.train.engine import Engine, EngineConfig, build_optimizer
 from faceops.train.recognizer import RecognizerTask, RecognizerTrainConfig
 
 from ._runner import save_result
@@ -41,6 +43,32 @@ MODELS = ("edgeface_xs_gamma_06", "resnet34")
 HR_SIZE = 112
 GEMM_N = 2048
 TARGET_RATIO = 0.95
+NEVER = 10**9  # a step cadence that never fires
+
+
+def _no_checkpoints(e: EngineConfig) -> None:
+    e.checkpoint_every_steps = NEVER
+
+
+def _no_snapshots(e: EngineConfig) -> None:
+    e.nan_guard.snapshot_every = NEVER
+
+
+def _no_param_check(e: EngineConfig) -> None:
+    e.nan_guard.check_params_every = NEVER
+
+
+def _no_clipping(e: EngineConfig) -> None:
+    e.clip_grad_norm = None
+
+
+def _no_progress(e: EngineConfig) -> None:
+    e.progress = False
+
+
+#: --ablate: the engine with ONE feature off, to see what each costs
+ABLATIONS = {"no_checkpoints": _no_checkpoints, "no_rollback_snapshots": _no_snapshots,
+             "no_param_check": _no_param_check, "no_clipping": _no_clipping, "no_progress_bar": _no_progress}
 
 
 class TimedRecognizerTask(RecognizerTask):
@@ -111,9 +139,9 @@ def run_bare(b: Bench, steps: int) -> float:
             break
         synchronize(device)  # CUDA: time finished work, as the engine's loss.item() does
         stamps.append(time.perf_counter())
-        x, y = batch["hr"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
-        emb = task.model(x)
-        logits, labels = task.head(emb, y)
+        batch = b.train_set.to_device(batch, device)  # uint8 -> float input, as the engine does
+        emb = task.model(batch["hr"])
+        logits, labels = task.head(emb, batch["label"])
         loss = task.criterion(logits, labels)
         b.bare_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,12 +149,13 @@ def run_bare(b: Bench, steps: int) -> float:
     return steady_rate(stamps, b.cfg.loader.batch_size)
 
 
-def run_engine(b: Bench, steps: int, round_id: str) -> float:
+def run_engine(b: Bench, steps: int, round_id: str, cfg: EngineConfig | None = None) -> float:
     """A fresh Engine (fresh optimiser, like a new run) over the same modules, ``steps`` steps."""
+    cfg = cfg or b.cfg.engine
     b.task.stamps = []
-    b.cfg.engine.max_steps = steps
+    cfg.max_steps = steps
     b.train_set.set_epoch(0)
-    engine = Engine(b.task, b.train_set, b.cfg.engine, f"{b.work}/{round_id}", run_id="bench",
+    engine = Engine(b.task, b.train_set, cfg, f"{b.work}/{round_id}", run_id="bench",
                     model_name=b.task.model_name)
     engine.fit()
     return steady_rate(b.task.stamps, b.cfg.loader.batch_size)
@@ -181,10 +210,17 @@ def bench_model(model: str, args: argparse.Namespace, work: str) -> dict:
             b.rates[side].append(rate)
             print(f"[bench.train] {model} round {r + 1}/{args.rounds} {side}: {rate:.1f} img/s", flush=True)
     bare, engine = (float(np.mean(b.rates[k])) for k in ("bare", "engine"))
+    ablation = {}
+    for name, switch_off in ABLATIONS.items() if args.ablate else ():
+        cfg = copy.deepcopy(b.cfg.engine)
+        switch_off(cfg)
+        ablation[name] = run_engine(b, steps, f"ablate-{name}", cfg) / bare
+        print(f"[bench.train] {model} engine {name}: {ablation[name]:.3f} of bare", flush=True)
     per_round = [e / x for e, x in zip(b.rates["engine"], b.rates["bare"], strict=True)]
     gflop = 3 * forward_flops_per_image(b.task.model) / 1e9
     return {"bare_img_per_s": bare, "engine_img_per_s": engine, "engine_vs_bare": engine / bare,
             "engine_vs_bare_per_round": per_round, "meets_target": engine / bare >= TARGET_RATIO,
+            **({"engine_vs_bare_with_one_feature_off": ablation} if ablation else {}),
             "steps_per_measurement": steps, "gflop_per_img": gflop, "achieved_gflop_per_s": gflop * engine}
 
 
@@ -200,6 +236,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="engine checkpoint cadence in steps (inside every timed round; default run: 200)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (both sides fp32, synchronised once per step)")
     p.add_argument("--max-steps", type=int, default=400, help="cap on steps per measurement (fast devices)")
+    p.add_argument("--ablate", action="store_true",
+                   help="also time the engine with one feature off at a time (vs the bare mean)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all usable cores)")
     p.add_argument("--name", default="train", help="result name (bench/results/<name>.json)")
     return p

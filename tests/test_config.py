@@ -60,3 +60,12 @@ def test_packaged_configs_load():
         data = read_yaml(packaged_config(name))
         assert "recognizer" in data
         config.load(RecognizerTrainConfig, packaged_config(name), section="recognizer")
+
+
+def test_partial_section_keeps_the_parent_recipe():
+    from faceops.train.dsr import DSRTrainConfig
+
+    cfg = config.load(DSRTrainConfig, overrides=["engine.epochs=1"])
+    assert cfg.engine.monitor == "val_identity_cosine" and cfg.engine.optim.lr == pytest.approx(1.3e-4)
+    rec = config.load(RecognizerTrainConfig, overrides=["loader.batch_size=4"])
+    assert rec.loader.augment.rotate_deg == 10.0  # the recognizer's augmentation, not the DSR default

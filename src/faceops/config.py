@@ -106,7 +106,8 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>", pref
             f"{', '.join(sorted(fields))})"
         )
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(value, hints[name], prefix + name, source) for name, value in data.items()}
+    kwargs = {name: _coerce(_over_default(fields[name], value), hints[name], prefix + name, source)
+              for name, value in data.items()}
     try:
         obj = cls(**kwargs)
     except (ValueError, TypeError) as exc:
@@ -114,6 +115,24 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>", pref
             raise ConfigError(f"{source}: {exc}") from None
         raise ConfigError(f"{source}: {prefix or cls.__name__}: {exc}") from None
     return obj
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _over_default(f: dataclasses.Field, value: Any) -> Any:
+    """A nested section given partially keeps the parent's defaults for it (a field's
+    ``default_factory`` may hold a recipe that differs from the section class's own defaults)."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    return _deep_merge(to_dict(default), value)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

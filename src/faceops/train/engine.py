@@ -93,6 +93,7 @@ class EngineConfig:
     collapse_warn: float = 0.95  # warn when mean inter-identity cosine exceeds this (seed 004: 0.9999)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    ddp_find_unused: bool = False  # DDP: allow parameters without grads (frozen stages, e.g. fine-tune stage 1)
     progress: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -268,7 +269,9 @@ class Engine:
         if self.dist.world_size <= 1:
             return self.modules
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return {k: DistributedDataParallel(m, device_ids=ids) if any(p.requires_grad for p in m.parameters())
+        unused = self.cfg.ddp_find_unused
+        return {k: DistributedDataParallel(m, device_ids=ids, find_unused_parameters=unused)
+                if any(p.requires_grad for p in m.parameters())
                 else m for k, m in self.modules.items()}
 
     def _init_ema(self) -> dict[str, torch.Tensor] | None:

@@ -53,6 +53,7 @@ def _finetune_engine() -> EngineConfig:
         monitor="val_accuracy", monitor_mode="max",  # verification on DSR outputs of the val split
         optim=OptimConfig(name="adamw", weight_decay=3e-5),  # seed 003 32x32; LRs come from the stage fields
         schedule=ScheduleConfig(name="cosine"),
+        ddp_find_unused=True,  # stage 1 freezes the backbone: no grads for it under DDP
     )
 
 
