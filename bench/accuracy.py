@@ -3,8 +3,9 @@
 The data is ``../shared/data/lfw_devtrain`` ingested with centre crop 128; identities with at least 8
 images take part (at most 150 each), and 10% of them are held out, identity-disjoint: half as the
 ``val`` split (validated every epoch, picks the best checkpoint) and half as the ``test`` split.
-A recognizer is trained from scratch for ``--minutes`` of wall time (the step count is the budget
-divided by a measured step time, so the cosine schedule ends inside the budget), then evaluated with
+A recognizer is trained from scratch for ``--minutes`` of wall time: the step count starts as the
+budget divided by a probed step time and is re-planned at every epoch from the measured pace (the
+cosine schedule is rebuilt to end with the budget), then the best checkpoint is evaluated with
 ``faceops.evaluate.evaluate``.
 
 Figures (bench/results/accuracy.json):
@@ -43,7 +44,7 @@ from faceops.evaluate import evaluate
 from faceops.export import ExportConfig, check_parity, export_onnx
 from faceops.models import MarginHeadConfig, RecognizerConfig, create_margin_head, create_recognizer
 from faceops.train.checkpoint import load_model
-from faceops.train.engine import Engine, FitResult
+from faceops.train.engine import Engine, FitResult, build_scheduler
 from faceops.train.recognizer import RecognizerTask, RecognizerTrainConfig, fit_task
 
 from ._runner import save_result
@@ -96,13 +97,28 @@ def seconds_per_step(cfg: RecognizerTrainConfig, classes: int, repeats: int = 3)
     return (time.perf_counter() - t0) / repeats
 
 
-def budget_guard(minutes: float, started: float):
-    """Epoch-start hook: past the budget (a slower machine than the probe), end the run after a step."""
-    def hook(epoch: int, engine: Engine) -> None:
-        if time.time() - started > minutes * 60 and engine.step > 0:
-            engine.total_steps = engine.step + 1
+class BudgetPlanner:
+    """Epoch-start hook that keeps the run inside the wall-clock budget on a machine whose speed
+    changes (shared CPUs): from the time per step measured so far it re-plans the total steps and
+    rebuilds the cosine schedule so that it still ends when the budget does."""
 
-    return hook
+    def __init__(self, minutes: float, started: float):
+        self.budget_s, self.started = minutes * 60, started
+        self.replans: list[int] = []
+
+    def __call__(self, epoch: int, engine: Engine) -> None:
+        if engine.step == 0:
+            return
+        elapsed = time.time() - self.started
+        per_step = elapsed / engine.step  # training, validation and checkpoints so far
+        total = engine.step + max(1, int((self.budget_s - elapsed) / per_step))
+        if total == engine.total_steps:
+            return
+        engine.total_steps = total
+        engine.scheduler = build_scheduler(engine.cfg.schedule, engine.optimizer, total, engine.steps_per_epoch)
+        engine.scheduler.last_epoch = engine.step
+        engine._apply_lr_scale()  # the learning rate of the re-planned schedule at this step
+        self.replans.append(total)
 
 
 def curve(history: list[dict]) -> list[list[float]]:
@@ -184,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[bench.accuracy] {args.model}: {step_s:.2f} s/step -> {steps} steps "
           f"(~{steps * args.batch / max(1, splits['train']['images']):.1f} epochs) in {args.minutes} min", flush=True)
     t0 = time.time()
-    fit = train(cfg, budget_guard(args.minutes, t0))
+    planner = BudgetPlanner(args.minutes, t0)
+    fit = train(cfg, planner)
     train_minutes = (time.time() - t0) / 60
     best = fit.best_checkpoint or fit.checkpoint
     test = evaluate(best, ARTIFACTS / "eval_test", data=result.uri, split="test")
@@ -194,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         "test": headline(test), "val": headline(val),
         "curve_minutes_val_accuracy": curve(fit.history),
         "budget_minutes": args.minutes, "train_minutes": train_minutes, "steps": fit.steps,
+        "planned_steps": steps, "replanned_steps": planner.replans,
         "epochs": fit.epochs, "step_seconds_probe": step_s, "threads": threads,
         "data": splits,
         "recipe": {"model": args.model, "margin": f"{args.margin} s=32 m={args.margin_m}", "batch": args.batch,

@@ -1,0 +1,110 @@
+"""Smoke runs of the benchmarks' core functions at tiny sizes (figures are never asserted)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from faceops.data.augment import AugmentConfig
+from faceops.data.reader import BatchDataset, LoaderConfig
+from faceops.train.engine import Engine
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _import_from_checkout(name: str):
+    """bench/ is not part of the installed package: import it from the repository root."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return importlib.import_module(name)
+
+
+acc_bench = _import_from_checkout("bench.accuracy")
+ingest_bench = _import_from_checkout("bench.ingest")
+train_bench = _import_from_checkout("bench.train")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_reader_and_jpeg_work_count_images(tmp_path):
+    data = train_bench.synthetic_split(12, 3)
+    ds = BatchDataset(data, LoaderConfig(batch_size=4, augment=AugmentConfig()), seed=0)
+    work = ingest_bench.reader_work(ds)
+    assert [work() for _ in range(4)] == [4, 4, 4, 4]  # the fourth call starts epoch 1
+    assert ds.epoch == 1
+    assert ingest_bench.reader_work(ds, convert=False)() == 4
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(np.full((40, 30, 3), 60 * i, np.uint8)).save(paths[-1])
+    rate = ingest_bench.timed_rate(ingest_bench.jpeg_work(paths), 0.05)
+    assert rate["images"] >= 1 and rate["img_per_s"] > 0 and rate["img_per_cpu_s"] > 0
+    merged = ingest_bench.merge([rate, rate])
+    assert merged["images"] == 2 * rate["images"]
+
+
+def test_augment_profile_shares():
+    data = train_bench.synthetic_split(8, 2)
+    ds = BatchDataset(data, LoaderConfig(batch_size=4), seed=0)
+    shares = ingest_bench.augment_profile(ds, batches=1)
+    numeric = [v for k, v in shares.items() if k != "top_ops"]
+    assert all(0.0 <= v <= 1.0 for v in numeric)
+    assert sum(numeric) == pytest.approx(1.0, abs=1e-6)
+    assert shares["top_ops"]
+
+
+def test_engine_and_bare_loop_run_and_time(tmp_path):
+    b = train_bench.make_bench("edgeface_xxs", batch=4, classes=5, steps=3, checkpoint_every=2,
+                               work=str(tmp_path), device="cpu")
+    b.cfg.engine.progress = False
+    assert train_bench.run_bare(b, 3) > 0
+    assert train_bench.run_engine(b, 3, "r0") > 0
+    assert len(b.task.stamps) == 3
+    assert (tmp_path / "r0" / "last.pt").is_file()  # the engine really checkpointed
+    off = train_bench.ABLATIONS["no_checkpoints"]
+    cfg = b.cfg.engine.__class__(**{**b.cfg.engine.__dict__})
+    off(cfg)
+    assert cfg.checkpoint_every_steps > 10**6
+    assert train_bench.forward_flops_per_image(b.task.model) > 0
+    assert train_bench.gemm_peak_gflops(torch.device("cpu"), seconds=0.01, repeats=1) > 0
+
+
+def test_steady_rate_needs_two_stamps():
+    assert train_bench.steady_rate([0.0, 1.0, 2.0], batch=4) == pytest.approx(4.0)
+    with pytest.raises(RuntimeError):
+        train_bench.steady_rate([1.0], batch=4)
+
+
+def test_budget_planner_replans_steps_and_schedule(tmp_path):
+    b = train_bench.make_bench("edgeface_xxs", batch=4, classes=5, steps=3, checkpoint_every=100,
+                               work=str(tmp_path), device="cpu")
+    engine = Engine(b.task, b.train_set, b.cfg.engine, str(tmp_path / "run"))
+    engine.step = 10
+    planner = acc_bench.BudgetPlanner(minutes=1.0, started=time.time() - 30)  # 3 s/step, 30 s left
+    planner(1, engine)
+    assert engine.total_steps == pytest.approx(20, abs=1)
+    assert planner.replans == [engine.total_steps]
+    assert engine.scheduler.last_epoch == 10
+    factor = engine.scheduler.lr_lambdas[0](10)
+    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(engine.scheduler.base_lrs[0] * factor)
+
+
+def test_accuracy_config_and_curve():
+    cfg = acc_bench.ingest_config(crop=128, min_images=8, held_out=0.1)
+    assert cfg.splits.val == pytest.approx(0.05) and cfg.splits.test == pytest.approx(0.05)
+    assert cfg.prepare.center_crop == 128
+    history = [{"seconds": 60.0, "val_accuracy": 0.6}, {"seconds": 30.0, "val_accuracy": 0.7}]
+    assert acc_bench.curve(history) == [[1.0, 0.6], [1.5, 0.7]]
