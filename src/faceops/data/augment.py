@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from faceops.config import check
 
+GREY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601 luma weights
+
 
 @dataclass
 class AugmentConfig:
@@ -89,10 +91,17 @@ class Augment:
     @staticmethod
     def _colour(x: torch.Tensor, bright: torch.Tensor, contr: torch.Tensor,
                 sat: torch.Tensor) -> torch.Tensor:
-        v = (x + 1) * 0.5  # work in [0, 1]
-        v = v * bright.view(-1, 1, 1, 1)
-        grey = (0.299 * v[:, 0] + 0.587 * v[:, 1] + 0.114 * v[:, 2]).unsqueeze(1)
-        mean = grey.mean(dim=(2, 3), keepdim=True)
-        v = (v - mean) * contr.view(-1, 1, 1, 1) + mean
-        v = (v - grey) * sat.view(-1, 1, 1, 1) + grey
-        return v * 2 - 1
+        """Brightness, contrast (about the mean grey) and saturation folded into one per-sample 3x3
+        colour matrix and offset, applied in a single pass (the three steps in sequence cost 3x more).
+
+        On v in [0, 1]: v' = c*b*(s*v + (1-s)*grey(v)) + (1-c)*b*mean(grey(v)); here x = 2v - 1."""
+        n = x.shape[0]
+        w = GREY.to(x)
+        cb = (contr * bright).view(n, 1, 1)
+        eye = torch.eye(3, device=x.device, dtype=x.dtype).expand(n, 3, 3)
+        mat = cb * (sat.view(n, 1, 1) * eye + (1 - sat).view(n, 1, 1) * w.view(1, 1, 3).expand(n, 3, 3))
+        mean_grey = ((x.mean(dim=(2, 3)) + 1) * 0.5) @ w  # [n]
+        offset = (1 - contr) * bright * mean_grey  # in v units
+        # x' = 2 v' - 1 = mat @ (x + 1) + 2 * offset - 1
+        bias = mat.sum(2) + (2 * offset - 1).view(n, 1)
+        return torch.baddbmm(bias.unsqueeze(2), mat, x.reshape(n, 3, -1)).view_as(x)
