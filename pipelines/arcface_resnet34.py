@@ -1,17 +1,15 @@
 """arcface_resnet34: ingest -> ResNet-34 ArcFace training (+ lower-LR phase) -> evaluate -> export."""
 
 from faceops.components import evaluate, export, ingest, train_recognizer
-from faceops.pipelines.platform import ClusterConfig, apply
+from faceops.pipelines.platform import ClusterConfig, apply, default_config_text
 from kfp import dsl
-
-from faceops.config import packaged_config
 
 DEFAULT_CONFIG = "arcface_resnet34"
 
 
 def build(cluster: ClusterConfig | None = None):
     cluster = cluster or ClusterConfig()
-    default_yaml = packaged_config(DEFAULT_CONFIG).read_text()
+    default_yaml = default_config_text(DEFAULT_CONFIG)
 
     @dsl.pipeline(
         name="arcface-resnet34",

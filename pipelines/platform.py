@@ -36,6 +36,16 @@ class ClusterConfig:
         check(self.retries >= 0, "cluster.retries must be >= 0")
 
 
+def default_config_text(name: str) -> str:
+    """A packaged config as one-line JSON (valid YAML): KFP writes parameter defaults into the
+    compiled file's header comment, where a multi-line default would break the YAML."""
+    import json
+
+    from faceops.config import packaged_config, read_yaml
+
+    return json.dumps(read_yaml(packaged_config(name)), separators=(",", ":"))
+
+
 def apply(task, cfg: ClusterConfig, *, gpu_task: bool, cache: bool) -> None:
     """Resources, GPU placement, Secret env, /dev/shm, caching and retries on one task."""
     from kfp import kubernetes

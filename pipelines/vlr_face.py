@@ -9,17 +9,15 @@ from faceops.components import (
     train_dsr,
     train_recognizer,
 )
-from faceops.pipelines.platform import ClusterConfig, apply
+from faceops.pipelines.platform import ClusterConfig, apply, default_config_text
 from kfp import dsl
-
-from faceops.config import packaged_config
 
 DEFAULT_CONFIG = "vlr_face"
 
 
 def build(cluster: ClusterConfig | None = None):
     cluster = cluster or ClusterConfig()
-    default_yaml = packaged_config(DEFAULT_CONFIG).read_text()
+    default_yaml = default_config_text(DEFAULT_CONFIG)
 
     @dsl.pipeline(
         name="vlr-face",

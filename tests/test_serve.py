@@ -92,6 +92,19 @@ def counters(server: LocalTriton, model: str) -> tuple[float, float]:
     return value("nv_inference_count"), value("nv_inference_exec_count")
 
 
+def settled_counters(server: LocalTriton, model: str, timeout_s: float = 15.0) -> tuple[float, float]:
+    """Counters once Triton has published every finished request (its metrics refresh every ~2 s)."""
+    deadline = time.monotonic() + timeout_s
+    last = counters(server, model)
+    while time.monotonic() < deadline:
+        time.sleep(2.1)
+        now = counters(server, model)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 # -- numerics -------------------------------------------------------------------------------------
 def test_grpc_embeddings_equal_ort_in_process_and_pytorch(client, models, repo, data_dir):
     faces, _, _ = orl_faces(data_dir, people=3, per_person=3)
@@ -139,7 +152,7 @@ def test_16_threads_x_200_requests_all_succeed_and_triton_batches_them(server, c
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (threads_n, 1, 3, 112, 112)).astype(np.float32)
     reference = client.infer("recognizer", x[:, 0])
-    before = counters(server, "recognizer")
+    before = settled_counters(server, "recognizer")
     failures: list[str] = []
     mismatches = [0]
 
@@ -160,7 +173,7 @@ def test_16_threads_x_200_requests_all_succeed_and_triton_batches_them(server, c
         th.join()
     assert not failures, f"{len(failures)} requests failed, first: {failures[0]}"
     assert mismatches[0] == 0
-    after = counters(server, "recognizer")
+    after = settled_counters(server, "recognizer")
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert inferences == threads_n * per_thread
     assert executions < inferences, f"no dynamic batching: {executions} executions for {inferences} requests"

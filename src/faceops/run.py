@@ -88,7 +88,7 @@ def run_local(name: str, *, config_file: str | None = None, overrides: list[str]
             "gpus_per_node": 0, "nodes": 1, "log_dir": str(out_dir / "logs"), **(params or {})}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "kfp"),
                raise_on_error=True)
-    pipeline = module.build(ClusterConfig())
+    pipeline = module.build(ClusterConfig(retries=0))  # locally a failure is reported at once
     print(f"faceops run {name}: output in {out_dir}", flush=True)
     t0 = time.time()
     try:
@@ -100,7 +100,8 @@ def run_local(name: str, *, config_file: str | None = None, overrides: list[str]
 
 
 def _failure_message(text: str, out_dir: Path) -> str:
-    m = re.search(r"[Tt]ask '([\w-]+)'", text)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # kfp colours task names
+    m = re.search(r"(?:[Tt]ask|failed:) '([\w-]+)'", text)
     task = m.group(1) if m else "?"
     stage_log = out_dir / "logs" / f"{STAGE_LOGS.get(task, task)}.log"
     cause = ""
