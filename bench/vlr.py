@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from faceops import config
 from faceops.config import to_dict
 from faceops.data.ingest import IngestConfig, ingest
 from faceops.data.prepare import PrepareConfig
@@ -113,12 +114,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dsr-blocks", type=int, default=4, help="DSR residual blocks (recipe: 16)")
     p.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0))))
     p.add_argument("--work", default=str(ARTIFACTS / "work"), help="store and run folders")
+    p.add_argument("--init-recognizer", metavar="CKPT",
+                   help="use this trained recognizer checkpoint instead of training one (e.g. the one "
+                   "bench/accuracy.py leaves in bench/artifacts/accuracy/recognizer.pt)")
+    p.add_argument("--ingest-config", metavar="YAML",
+                   help="ingest config to use (e.g. bench/artifacts/accuracy/ingest_config.yaml, so the held-out "
+                   "identities match the recognizer's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
     work = Path(args.work)
     budget = args.minutes_per_stage
-    icfg = IngestConfig(prepare=PrepareConfig(center_crop=128))
+    icfg = (config.load(IngestConfig, args.ingest_config) if args.ingest_config
+            else IngestConfig(prepare=PrepareConfig(center_crop=128)))
     data = ingest(str(data_root() / "lfw_devtrain"), "lfw_devtrain", str(work / "store"), icfg,
                   progress=False).uri
     timings: dict[str, float] = {}
@@ -126,10 +134,13 @@ def main(argv: list[str] | None = None) -> None:
     model_cfg = RecognizerConfig(name=args.recognizer)
     rc = RecognizerTrainConfig(data=data, out=str(work / "recognizer"), model=model_cfg)
     rc.loader.batch_size, rc.engine.progress, rc.engine.epochs = 32, False, 1000
-    rc.engine.max_steps = steps_for(budget, seconds_per_step(train_recognizer, rc, "recognizer", work))
-    rc.engine.schedule.warmup_steps = max(1, rc.engine.max_steps // 10)
     t0 = time.time()
-    rec_uri = train_recognizer(rc).best_checkpoint
+    if args.init_recognizer:
+        rec_uri = str(Path(args.init_recognizer).resolve())
+    else:
+        rc.engine.max_steps = steps_for(budget, seconds_per_step(train_recognizer, rc, "recognizer", work))
+        rc.engine.schedule.warmup_steps = max(1, rc.engine.max_steps // 10)
+        rec_uri = train_recognizer(rc).best_checkpoint
     timings["recognizer_s"] = time.time() - t0
     artifacts = {"recognizer": publish(rec_uri, "recognizer", rc, "recognizer")}
 
