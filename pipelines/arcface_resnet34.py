@@ -1,7 +1,7 @@
 """arcface_resnet34: ingest -> ResNet-34 ArcFace training (+ lower-LR phase) -> evaluate -> export."""
 
-from faceops.components import evaluate, export, ingest, train_recognizer
-from faceops.pipelines.platform import ClusterConfig, apply, default_config_text
+from faceops.components import evaluate, export
+from faceops.pipelines.platform import ClusterConfig, apply, default_config_text, ingest_and_train
 from kfp import dsl
 
 DEFAULT_CONFIG = "arcface_resnet34"
@@ -30,24 +30,9 @@ def build(cluster: ClusterConfig | None = None):
         log_dir: str = "",
     ):
         run_root = f"{store_uri}/runs/{run_id}"
-        ing = ingest(
-            source=source,
-            name=dataset_name,
-            store_uri=store_uri,
-            config_yaml=config_yaml,
-            pairs_file=pairs_file,
-            log_dir=log_dir,
-        )
-        apply(ing, cluster, gpu_task=False, cache=True)
-        data = ing.outputs["dataset"]
-        rec = train_recognizer(
-            dataset=data,
-            config_yaml=config_yaml,
-            run_root=run_root,
-            gpus_per_node=gpus_per_node,
-            nodes=nodes,
-            log_dir=log_dir,
-        )
+        data, rec = ingest_and_train(
+            cluster, config_yaml=config_yaml, source=source, dataset_name=dataset_name, store_uri=store_uri,
+            run_root=run_root, pairs_file=pairs_file, gpus_per_node=gpus_per_node, nodes=nodes, log_dir=log_dir)
         ev = evaluate(
             dataset=data,
             recognizer=rec.outputs["model"],
@@ -64,7 +49,7 @@ def build(cluster: ClusterConfig | None = None):
             trt=trt,
             log_dir=log_dir,
         )
-        for task in (rec, ev, ex):
+        for task in (ev, ex):
             apply(task, cluster, gpu_task=True, cache=cluster.cache_training)
 
     return arcface_resnet34

@@ -46,6 +46,21 @@ def default_config_text(name: str) -> str:
     return json.dumps(read_yaml(packaged_config(name)), separators=(",", ":"))
 
 
+def ingest_and_train(cluster: ClusterConfig, *, config_yaml, source, dataset_name, store_uri, run_root,
+                     pairs_file, gpus_per_node, nodes, log_dir):
+    """The head every pipeline shares: the dataset, then a recognizer trained on it."""
+    from faceops.components import ingest, train_recognizer
+
+    ing = ingest(source=source, name=dataset_name, store_uri=store_uri, config_yaml=config_yaml,
+                 pairs_file=pairs_file, log_dir=log_dir)
+    apply(ing, cluster, gpu_task=False, cache=True)
+    data = ing.outputs["dataset"]
+    rec = train_recognizer(dataset=data, config_yaml=config_yaml, run_root=run_root,
+                           gpus_per_node=gpus_per_node, nodes=nodes, log_dir=log_dir)
+    apply(rec, cluster, gpu_task=True, cache=cluster.cache_training)
+    return data, rec
+
+
 def apply(task, cfg: ClusterConfig, *, gpu_task: bool, cache: bool) -> None:
     """Resources, GPU placement, Secret env, /dev/shm, caching and retries on one task."""
     from kfp import kubernetes

@@ -5,11 +5,9 @@ from faceops.components import (
     evaluate_vlr,
     export_vlr,
     finetune_edgeface,
-    ingest,
     train_dsr,
-    train_recognizer,
 )
-from faceops.pipelines.platform import ClusterConfig, apply, default_config_text
+from faceops.pipelines.platform import ClusterConfig, apply, default_config_text, ingest_and_train
 from kfp import dsl
 
 DEFAULT_CONFIG = "vlr_face"
@@ -40,24 +38,9 @@ def build(cluster: ClusterConfig | None = None):
         log_dir: str = "",
     ):
         run_root = f"{store_uri}/runs/{run_id}"
-        ing = ingest(
-            source=source,
-            name=dataset_name,
-            store_uri=store_uri,
-            config_yaml=config_yaml,
-            pairs_file=pairs_file,
-            log_dir=log_dir,
-        ).set_display_name("ingest")
-        apply(ing, cluster, gpu_task=False, cache=True)
-        data = ing.outputs["dataset"]
-        rec = train_recognizer(
-            dataset=data,
-            config_yaml=config_yaml,
-            run_root=run_root,
-            gpus_per_node=gpus_per_node,
-            nodes=nodes,
-            log_dir=log_dir,
-        )
+        data, rec = ingest_and_train(
+            cluster, config_yaml=config_yaml, source=source, dataset_name=dataset_name, store_uri=store_uri,
+            run_root=run_root, pairs_file=pairs_file, gpus_per_node=gpus_per_node, nodes=nodes, log_dir=log_dir)
         dsr = train_dsr(
             dataset=data,
             recognizer=rec.outputs["model"],
@@ -99,7 +82,7 @@ def build(cluster: ClusterConfig | None = None):
         )
         dep = deploy(repo=ex.outputs["repo"], dataset=data, triton_url=triton_url, log_dir=log_dir)
         dep.after(ev)
-        for task in (rec, dsr, ft, ev, ex):
+        for task in (dsr, ft, ev, ex):
             apply(task, cluster, gpu_task=True, cache=cluster.cache_training)
         apply(dep, cluster, gpu_task=False, cache=False)
 
