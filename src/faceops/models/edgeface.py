@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from faceops.config import ConfigError
-from faceops.models.recognizer import BACKBONES, RecognizerConfig, register_backbone
+from faceops.models.recognizer import BACKBONES, RecognizerConfig, StagedTrunk, register_backbone
 
 TIMM_PARTS = ("stem.", "stages.", "norm_pre.", "head.")  # top-level names of a timm EdgeNeXt state dict
 LOW_RANK_HEAD = ("embedding.fc.linear1.weight", "embedding.fc.linear2.weight", "embedding.fc.linear2.bias")
@@ -60,7 +60,7 @@ def replace_linear_with_low_rank(module: nn.Module, gamma: float) -> int:
     return replaced
 
 
-class EdgeFaceTrunk(nn.Module):
+class EdgeFaceTrunk(StagedTrunk):
     """timm EdgeNeXt without its classifier: stem -> 4 stages -> pool + LayerNorm -> [N, C].
 
     The timm model's parts are held directly (``stem``, ``stages``, ``norm_pre``, ``head``) so state-dict
@@ -84,14 +84,6 @@ class EdgeFaceTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm_pre(self.stages(self.stem(x))))
-
-    def forward_stages(self, x: torch.Tensor, num_stages: int | None = None) -> list[torch.Tensor]:
-        x = self.stem(x)
-        out = []
-        for stage in self.stages if num_stages is None else self.stages[:num_stages]:
-            x = stage(x)
-            out.append(x)
-        return out
 
     @staticmethod
     def remap_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

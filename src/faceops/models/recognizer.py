@@ -63,6 +63,22 @@ class Trunk(Protocol):
     def forward_stages(self, x: torch.Tensor, num_stages: int | None = None) -> list[torch.Tensor]: ...
 
 
+class StagedTrunk(nn.Module):
+    """A trunk built as ``stem`` then ``stages`` (a sequence): the per-stage feature maps that the DSR
+    perceptual and feature-matching losses compare come from here."""
+
+    stem: nn.Module
+    stages: nn.Sequential
+
+    def forward_stages(self, x: torch.Tensor, num_stages: int | None = None) -> list[torch.Tensor]:
+        x = self.stem(x)
+        out = []
+        for stage in self.stages if num_stages is None else self.stages[:num_stages]:
+            x = stage(x)
+            out.append(x)
+        return out
+
+
 BACKBONES: Registry[Callable[[RecognizerConfig], nn.Module]] = Registry("backbone")
 register_backbone = BACKBONES.register
 

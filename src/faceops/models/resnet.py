@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from faceops.config import ConfigError
-from faceops.models.recognizer import RecognizerConfig, register_backbone
+from faceops.models.recognizer import RecognizerConfig, StagedTrunk, register_backbone
 
 STEM_CHANNELS = 64
 
@@ -29,7 +29,7 @@ def _stage(in_chs: int, out_chs: int, depth: int, stride: int) -> nn.Sequential:
     return nn.Sequential(*blocks)
 
 
-class ResNetTrunk(nn.Module):
+class ResNetTrunk(StagedTrunk):
     """Stem -> 4 stages of BasicBlocks (each strides by 2) -> global average pool -> [N, dims[-1]]."""
 
     def __init__(self, depths: tuple[int, ...] = (3, 4, 6, 3),
@@ -60,14 +60,6 @@ class ResNetTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.stages(self.stem(x)))
-
-    def forward_stages(self, x: torch.Tensor, num_stages: int | None = None) -> list[torch.Tensor]:
-        x = self.stem(x)
-        out = []
-        for stage in self.stages if num_stages is None else self.stages[:num_stages]:
-            x = stage(x)
-            out.append(x)
-        return out
 
 
 @register_backbone
