@@ -117,7 +117,9 @@ class Task(Protocol):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """'backbone' / 'head' parameter lists (per-group learning rates)."""
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """Loss of a batch and figures for the progress bar (scalar tensors are read only when logged,
+        so a GPU step does not wait on them)."""
 
     def validate(self) -> dict[str, float]:
         """Validation figures (must include EngineConfig.monitor); may include 'mean_cosine'."""
@@ -527,7 +529,7 @@ class Engine:
 
     def _log_step(self, loss: float, stats: dict, ips: float, bar: tqdm) -> None:
         lr = self.optimizer.param_groups[-1]["lr"]
-        bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in stats.items()}, lr=f"{lr:.2e}",
+        bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{float(v):.3f}" for k, v in stats.items()}, lr=f"{lr:.2e}",
                         ips=f"{ips:.0f}")
         if self.metrics:
             m = self.metrics

@@ -199,7 +199,7 @@ class FinetuneTask(RecognizerTask):
         emb = self.wrapped["model"](x)
         logits, labels = self.wrapped["head"](emb, batch["label"])
         loss = self.criterion(logits, labels)
-        return loss, {"acc": (logits.detach().argmax(1) == labels).float().mean().item()}
+        return loss, {"acc": (logits.detach().argmax(1) == labels).float().mean()}
 
     def validate(self) -> dict[str, float]:
         figures = super().validate()

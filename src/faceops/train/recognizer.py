@@ -126,7 +126,7 @@ class RecognizerTask:
         emb = self.wrapped["model"](x)
         logits, labels = self.wrapped["head"](emb, batch["label"])
         loss = self.criterion(logits, labels)
-        acc = (logits.detach().argmax(1) == labels).float().mean().item()
+        acc = (logits.detach().argmax(1) == labels).float().mean()  # a tensor: read only when logged
         return loss, {"acc": acc}
 
     def validate(self) -> dict[str, float]:
