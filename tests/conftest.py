@@ -113,3 +113,19 @@ def tiny_dataset(tmp_path_factory) -> str:
     faces = synthesize(root / "faces", identities=8, images_per_identity=6, seed=1, progress=False)
     cfg = IngestConfig(min_images_per_identity=2, pairs_per_split=40)
     return ingest(str(faces), "tiny", str(root / "store"), cfg, progress=False).uri
+
+
+def kill_at_first_checkpoint(cmd: list[str], out: Path, env: dict, timeout_s: float = 300.0) -> None:
+    """Start a training command, SIGKILL it (whole process group) once ``out/last.pt`` exists."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + timeout_s
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -3,15 +3,14 @@ sizes, and exact resume after SIGKILL through ``faceops train dsr``."""
 
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import kill_at_first_checkpoint
 
 from faceops.config import to_dict
 from faceops.models import DSRNet, RecognizerConfig, create_recognizer
@@ -222,14 +221,7 @@ def test_sigkill_then_resume_gives_identical_weights(tiny_dataset, recognizer_ck
     ref = tmp_path / "ref"
     subprocess.run(_cmd(config_file, ref), check=True, env=_env(), capture_output=True)
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(config_file, run), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_first_checkpoint(_cmd(config_file, run), run, _env())
     killed_at = load_checkpoint(str(run / "last.pt"))["step"]
     assert killed_at < 10
     subprocess.run([*_cmd(config_file, run), "--resume"], check=True, env=_env(), capture_output=True)

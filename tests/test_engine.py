@@ -1,14 +1,13 @@
 """The training engine: NaN guard, exact resume after SIGKILL, DDP equivalence, schedules."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_at_first_checkpoint
 
 from faceops import config
 from faceops.train.checkpoint import first_non_finite, load_checkpoint
@@ -87,14 +86,7 @@ def test_sigkill_then_resume_gives_identical_weights(tiny_dataset, tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(_train_cmd(tiny_dataset, ref, *sets), check=True, env=_env(), capture_output=True)
     run = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(tiny_dataset, run, *sets), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_first_checkpoint(_train_cmd(tiny_dataset, run, *sets), run, _env())
     killed_at = load_checkpoint(str(run / "last.pt"))["step"]
     assert killed_at < 9
     subprocess.run([*_train_cmd(tiny_dataset, run, *sets), "--resume"], check=True, env=_env(),
