@@ -4,5 +4,5 @@
 # Extra arguments go to `faceops run vlr_face` (see `faceops run --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/venv.sh all
+bash scripts/venv.sh
 exec .venv/bin/faceops run vlr_face "$@"

@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# Create or update the repo's virtual environment (.venv) with faceops and the given extras.
-# Idempotent: re-installs only when pyproject.toml (or the extras) changed since the last install.
+# Create or update the repo's virtual environment (.venv): exactly the versions in constraints.txt
+# (the lock), then faceops itself, editable. Re-installs only when pyproject.toml or the lock changed.
+# Any failure stops here with pip's own message: a venv is stamped only once it matches the lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${1:-all}"
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   echo "[faceops] creating .venv"
   "$PY" -m venv .venv
 fi
 stamp=".venv/.faceops-installed"
-want="$(sha256sum pyproject.toml | cut -c1-16)-$EXTRAS"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-  echo "[faceops] installing faceops[$EXTRAS] into .venv (torch first: about 2 minutes on a fresh machine)"
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -m pip install -q -e ".[$EXTRAS]" 2>&1 | grep -vE "is ignored|^WARNING: Location" || true
-  .venv/bin/python -c "import faceops, torch" || { echo "[faceops] install failed" >&2; exit 1; }
+  rm -f "$stamp"
+  echo "[faceops] installing the locked dependencies into .venv (torch first: about 3 minutes on a fresh machine)"
+  pip=(.venv/bin/python -m pip --disable-pip-version-check)
+  # --no-deps: the lock is the whole environment; a package missing from it fails the check below.
+  "${pip[@]}" install -q --no-deps -r constraints.txt
+  "${pip[@]}" install -q --no-deps --no-build-isolation -e .
+  "${pip[@]}" check
+  .venv/bin/python scripts/check_lock.py
   echo "$want" > "$stamp"
 fi

@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["skip_budget"]  # tests/skip_budget.py: only GPU / real-data skips are allowed
 MOTO_CREDENTIALS = {  # moto accepts any; distinctive values so leak checks can search for them
     "FACEOPS_S3_ACCESS_KEY": "faceops-test-access",
     "FACEOPS_S3_SECRET_KEY": "faceops-test-secret",
@@ -99,7 +100,7 @@ def s3_bucket(s3_env: dict[str, str]) -> str:
 def data_dir() -> Path:
     path = Path(os.environ.get("FACEOPS_DATA") or REPO.parent / "shared" / "data").expanduser()
     if not path.is_dir():
-        pytest.skip(f"real face data not found at {path} (set FACEOPS_DATA to the data folder)")
+        pytest.skip(f"needs real data: not found at {path} (set FACEOPS_DATA to the data folder)")
     return path
 
 

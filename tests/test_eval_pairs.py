@@ -13,7 +13,7 @@ DATA = Path(os.environ.get("FACEOPS_DATA", Path(__file__).resolve().parents[1].p
 DEVTRAIN_PAIRS = DATA / "lfw_meta" / "pairsDevTrain.txt"
 DEVTRAIN_IMAGES = DATA / "lfw_devtrain"
 needs_lfw = pytest.mark.skipif(not DEVTRAIN_PAIRS.is_file() or not DEVTRAIN_IMAGES.is_dir(),
-                               reason=f"real LFW data not found under {DATA} (set FACEOPS_DATA)")
+                               reason=f"needs real data: LFW not found under {DATA} (set FACEOPS_DATA)")
 
 FOLDED = """2\t2
 Ann\t1\t2

@@ -170,7 +170,7 @@ def test_user_errors_are_one_line(world: dict, tmp_path: Path, capsys) -> None:
 
 
 needs_lfw = pytest.mark.skipif(not LFW_PAIRS.is_file() or not LFW_IMAGES.is_dir(),
-                               reason=f"real LFW data not found under {DATA} (set FACEOPS_DATA)")
+                               reason=f"needs real data: LFW not found under {DATA} (set FACEOPS_DATA)")
 
 
 @needs_lfw

@@ -1,0 +1,71 @@
+"""The lock (constraints.txt) is the environment: venv, CI, images and compiled pipelines agree on it."""
+
+from __future__ import annotations
+
+import re
+import runpy
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+lock = runpy.run_path(str(REPO / "scripts" / "check_lock.py"))
+PINS = lock["read_lock"]()
+
+
+def test_installed_versions_equal_the_lock():
+    assert lock["lock_differences"](PINS, lock["installed"]()) == []
+
+
+def test_every_requirement_of_faceops_all_is_locked_and_in_range():
+    assert lock["unmet_requirements"](lock["installed"]()) == []
+
+
+def test_a_dependency_missing_from_the_lock_is_an_install_failure():
+    """What venv.sh sees when a test dependency (moto) is dropped from the lock: an error, not a skip."""
+    have = {n: v for n, v in lock["installed"]().items() if n != "moto"}
+    problems = lock["unmet_requirements"](have)
+    assert any(p.startswith("moto[server]") and "faceops[dev]" in p for p in problems), problems
+    pins = {n: v for n, v in PINS.items() if n != "moto"}
+    assert any("moto==" in p and "not in the lock" in p for p in lock["lock_differences"](pins, lock["installed"]()))
+
+
+def test_lock_pins_every_line_exactly(tmp_path):
+    bad = tmp_path / "constraints.txt"
+    bad.write_text("kfp>=2.7\n")
+    with pytest.raises(SystemExit, match="not an exact pin"):
+        lock["read_lock"](bad)
+
+
+def test_lock_holds_the_machines_torch():
+    assert PINS["torch"] == "2.14.1" and PINS["torchvision"] == "0.29.1"
+
+
+@pytest.mark.parametrize("name", ["vlr_face", "arcface_resnet34"])
+def test_compiled_pipelines_come_from_the_locked_kfp(name):
+    text = (REPO / "pipelines" / f"{name}.yaml").read_text()
+    versions = set(re.findall(r"'kfp==([^']+)'", text))
+    assert versions == {PINS["kfp"]}, f"pipelines/{name}.yaml: compiled by kfp {versions}, locked {PINS['kfp']}"
+    sdk = yaml.safe_load(text.split("\n---\n")[0])["sdkVersion"]
+    assert sdk == f"kfp-{PINS['kfp']}"
+
+
+@pytest.mark.parametrize("dockerfile", sorted((REPO / "images").glob("*/Dockerfile")), ids=lambda p: p.parent.name)
+def test_images_install_from_the_lock(dockerfile):
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    installs = [line for line in text.splitlines() if re.search(r"\bpip install\b", line)]
+    for line in installs:
+        # the one exception: torch/torchvision from the PyTorch CPU index, without dependencies
+        assert "-c constraints.txt" in line or ("--no-deps" in line and "torch==" + PINS["torch"] in line), line
+    if installs:
+        assert re.search(r"^COPY .*constraints\.txt", text, re.M), f"{dockerfile} does not copy the lock"
+        assert "!constraints.txt" in (REPO / ".dockerignore").read_text()
+
+
+def test_venv_script_installs_exactly_the_lock_and_fails_loudly():
+    text = (REPO / "scripts" / "venv.sh").read_text()
+    assert "set -euo pipefail" in text
+    assert "--no-deps -r constraints.txt" in text and "pip[@]}\" check" in text and "check_lock.py" in text
+    assert "|| true" not in text.split("stamp=")[1].split("echo \"$want\"")[0].replace(
+        'cat "$stamp" 2>/dev/null || true', ""), "an install step swallows its exit code"
