@@ -15,9 +15,10 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   rm -f "$stamp"
   echo "[faceops] installing the locked dependencies into .venv (torch first: about 3 minutes on a fresh machine)"
   pip=(.venv/bin/python -m pip --disable-pip-version-check)
+  quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }  # this machine's pip.conf
   # --no-deps: the lock is the whole environment; a package missing from it fails the check below.
-  "${pip[@]}" install -q --no-deps -r constraints.txt
-  "${pip[@]}" install -q --no-deps --no-build-isolation -e .
+  quiet "${pip[@]}" install -q --no-deps -r constraints.txt
+  quiet "${pip[@]}" install -q --no-deps --no-build-isolation -e . >/dev/null
   "${pip[@]}" check
   .venv/bin/python scripts/check_lock.py
   echo "$want" > "$stamp"
