@@ -161,7 +161,7 @@ def test_job_config_from_the_launch_section():
     assert (cfg.namespace, cfg.node_selector, cfg.timeout_s) == ("ml", {"pool": "a100"}, 600.0)
     assert cfg.tolerations == [{"key": "gpu", "operator": "Exists"}]
     assert job_config_from_yaml("").secret_name == "faceops-s3"
-    with pytest.raises(ConfigError, match="launch.nodeselector"):
+    with pytest.raises(ConfigError, match="section 'launch': unknown key 'nodeselector'"):
         job_config_from_yaml("launch: {nodeselector: {}}")
     with pytest.raises(ConfigError, match="run_id"):
         JobConfig(run_id="Run_1")
@@ -397,7 +397,7 @@ def test_in_process_returns_the_cli_exit_code(capsys):
     """In-process: the config text reaches `faceops train` (its unknown key is reported) and the CLI's
     exit code comes back."""
     rc = launch_training("recognizer", "recognizer:\n  bogus_knob: 1\n", ["engine.epochs=1"])
-    assert rc == 1
+    assert rc == 2
     assert "unknown key 'bogus_knob'" in capsys.readouterr().err
 
 

@@ -39,12 +39,10 @@ def pipeline_module(name: str):
 
 def config_yaml(name: str, config_file: str | None, overrides: list[str] | None = None,
                 default: str | None = None) -> str:
-    """The run's config as YAML text: a file (or the packaged default) plus ``--set`` overrides."""
+    """The run's config as YAML text: a file (or the packaged default) plus ``--set`` overrides, every
+    section checked here, so a typo fails before any step starts."""
     path = Path(config_file) if config_file else config.packaged_config(default or LOCAL_CONFIG[name])
-    data = config.read_yaml(path)
-    if overrides:
-        data = config.apply_overrides(data, overrides)
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(config.read_document(path, overrides), sort_keys=False)
 
 
 @dataclass
@@ -76,12 +74,12 @@ def run_local(name: str, *, config_file: str | None = None, overrides: list[str]
     from kfp import local
 
     module = pipeline_module(name)
-    out_dir = Path(out or f"faceops-runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = config_yaml(name, config_file, overrides)
-    (out_dir / "config.yaml").write_text(text)
+    text = config_yaml(name, config_file, overrides)  # checked before anything is written
     if data and not data.startswith("s3://") and not Path(data).is_dir():
         raise FaceopsError(f"--data {data}: not a folder of <identity>/<image> files")
+    out_dir = Path(out or f"faceops-runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(text)
     args = {"config_yaml": text, "source": data or "synth://",
             "dataset_name": Path(data).name if data else "synthetic", "store_uri": str(out_dir / "store"),
             "run_id": "run", "pairs_file": str(Path(pairs).resolve()) if pairs else "",

@@ -14,6 +14,7 @@ import pkgutil
 import sys
 
 from faceops import __version__
+from faceops.config import ConfigError
 from faceops.errors import FaceopsError
 
 
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except ConfigError as exc:  # a usage error: exit 2, argparse's convention
+        print(f"faceops {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except FaceopsError as exc:
         print(f"faceops {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="VLR sizes WxH, e.g. 32x32,14x16 (default: the DSR models' sizes)")
     p.add_argument("--skip-missing", action="store_true",
                    help="--images mode: drop pairs whose image file is missing instead of failing")
-    add_config_args(p)
+    add_config_args(p, "evaluate", "evaluate.batch_size=32")
     p.epilog = ("--config FILE: section 'evaluate' (batch_size, flip, n_folds, seed, ...) and, for --images, "
                 "section 'ingest' (prepare, degrade) so faces are prepared exactly as at ingest; --set "
                 "overrides keys of the 'evaluate' section.")

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--trt", action="store_true", help="also TensorRT engines (skipped without a CUDA device)")
     p.add_argument("--dataset", metavar="URI", help="dataset whose val split gives parity/calibration faces")
     p.add_argument("--repo", required=True, metavar="URI", help="Triton model repository (path or s3://)")
-    add_config_args(p)
+    add_config_args(p, "export", "export.opset=18")
     p.set_defaults(func=main)
 
 
@@ -28,8 +28,7 @@ def main(args: argparse.Namespace) -> int:
     from faceops.config import load
     from faceops.export import ExportConfig, export_model
 
-    overrides = [o.removeprefix("export.") for o in args.overrides]  # --set export.opset=17 or opset=17
-    cfg = load(ExportConfig, args.config, overrides, section="export")
+    cfg = load(ExportConfig, args.config, args.overrides, section="export")
     report = export_model(args.model, args.repo, formats=args.formats or ["onnx"], int8=args.int8,
                           trt=args.trt, dsr_uri=args.dsr or None, calib_dataset=args.dataset, cfg=cfg)
     print(json.dumps(report, indent=2))

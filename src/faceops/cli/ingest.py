@@ -8,6 +8,7 @@ import json
 from faceops import config
 from faceops.cli._common import add_config_args
 from faceops.data.ingest import IngestConfig, format_summary, ingest
+from faceops.data.synth import SynthConfig, synthesize
 
 DEFAULT_STORE = "faceops-runs/store"
 
@@ -25,16 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"store URI: a folder, file:///path or s3://bucket/prefix (default {DEFAULT_STORE})")
     p.add_argument("--pairs", metavar="FILE", help="LFW pairs file (pairs.txt / pairsDevTrain.txt) to import")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    add_config_args(p)
+    add_config_args(p, "ingest", "ingest.min_images_per_identity=5")
     p.set_defaults(func=run_ingest)
 
+    d = SynthConfig()  # the same defaults as a config's synth: section
     s = sub.add_parser("synth", help="write procedural synthetic faces for demos and tests",
                        description="Deterministic (by --seed) synthetic identities: OUT/id_XXXX/NNNN.png")
-    s.add_argument("--identities", type=int, default=40)
-    s.add_argument("--images-per-identity", type=int, default=12)
+    s.add_argument("--identities", type=int, default=d.identities)
+    s.add_argument("--images-per-identity", type=int, default=d.images_per_identity)
     s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, default=112, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--size", type=int, default=d.size, help="image side in pixels")
     s.set_defaults(func=run_synth)
 
 
@@ -50,8 +52,7 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from faceops.data.synth import synthesize
-
-    out = synthesize(args.out, args.identities, args.images_per_identity, args.seed, args.size)
+    cfg = SynthConfig(args.identities, args.images_per_identity, args.seed, args.size)  # checks the values
+    out = synthesize(args.out, cfg.identities, cfg.images_per_identity, cfg.seed, cfg.size)
     print(f"wrote {args.identities} identities x {args.images_per_identity} images to {out}")
     return 0

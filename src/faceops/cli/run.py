@@ -6,6 +6,7 @@ import argparse
 import json
 
 from faceops.cli._common import add_config_args
+from faceops.config import ConfigError
 from faceops.pipelines import PIPELINES
 
 
@@ -13,8 +14,8 @@ def _param(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--param {item!r}: expected KEY=VALUE")
+        if not sep or not key:
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE, e.g. --param vlr_size=14x16")
         out[key] = value
     return out
 
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the same components as on a cluster. Without --data it trains on synthetic faces. Prints each step "
         "as it starts and ends, and where the report, metrics, model repository and logs are.")
     p.add_argument("pipeline", choices=sorted(PIPELINES))
-    add_config_args(p)
+    add_config_args(p, None, "recognizer.engine.epochs=3")
     p.add_argument("--data", metavar="DIR", help="a folder with one sub-folder per identity (default: synthetic)")
     p.add_argument("--pairs", metavar="FILE", help="an LFW pairs file to import with --data")
     p.add_argument("--out", metavar="DIR", help="output folder (default faceops-runs/<pipeline>-<time>)")

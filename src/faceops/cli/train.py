@@ -18,6 +18,8 @@ TASKS = {
     "finetune": ("faceops.train.finetune", "FinetuneConfig", "finetune_edgeface", "finetune",
                  "two-stage fine-tuning of the recognizer on DSR outputs"),
 }
+SET_EXAMPLES = {"recognizer": "recognizer.engine.epochs=3", "dsr": "dsr.engine.epochs=3",
+                "finetune": "finetune.stage2_epochs=3"}  # shown in --help (tests/test_cli.py loads them)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
     for name, (_, _, _, section, help_) in TASKS.items():
         t = tasks.add_parser(name, help=help_, description=f"{help_}. Config section: '{section}:'.")
-        add_config_args(t)
+        add_config_args(t, section, SET_EXAMPLES[name])
         t.add_argument("--data", metavar="URI", help="dataset URI (<store>/datasets/<name>)")
         t.add_argument("--out", metavar="URI", help="run output URI: checkpoints last.pt / best.pt")
         t.add_argument("--resume", action="store_true", help="continue from <out>/last.pt exactly")

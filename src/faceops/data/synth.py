@@ -15,7 +15,26 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from faceops.config import check
+
 CANVAS = 160  # drawn larger, then cropped/resized (like a detector crop around the face)
+
+
+@dataclass
+class SynthConfig:
+    """The config's ``synth:`` section: the faces that ``synth://`` (a pipeline's default source)
+    and ``faceops synth`` draw."""
+
+    identities: int = 40
+    images_per_identity: int = 12
+    seed: int = 0
+    size: int = 112  # image side in pixels
+
+    def __post_init__(self) -> None:
+        check(self.identities >= 1, f"synth.identities must be >= 1, got {self.identities}")
+        check(self.images_per_identity >= 1,
+              f"synth.images_per_identity must be >= 1, got {self.images_per_identity}")
+        check(self.size >= 1, f"synth.size must be >= 1, got {self.size}")
 
 
 @dataclass

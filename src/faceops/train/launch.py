@@ -35,8 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from faceops import config
 from faceops.config import check
 from faceops.errors import FaceopsError
@@ -114,18 +112,7 @@ class JobConfig:
 
 def job_config_from_yaml(config_yaml: str) -> JobConfig:
     """The ``launch:`` section of a run's config (defaults where it has none)."""
-    data = _parse_config(config_yaml).get("launch") or {}
-    return config.from_dict(JobConfig, data, "<config>: launch", prefix="launch.")
-
-
-def _parse_config(config_yaml: str) -> dict:
-    try:
-        data = yaml.safe_load(config_yaml or "") or {}
-    except yaml.YAMLError as exc:
-        raise config.ConfigError(f"<config>: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise config.ConfigError("<config>: the top level must be a mapping of sections")
-    return data
+    return config.load(JobConfig, text=config_yaml or "", section="launch", source="<config>")
 
 
 def new_run_id() -> str:
@@ -146,7 +133,7 @@ def launch_training(task: str, config_yaml: str, overrides: list[str], *, gpus_p
     if nodes < 1 or gpus_per_node < 0:
         raise LaunchError(f"nodes must be >= 1 and gpus_per_node >= 0, got nodes={nodes}, "
                           f"gpus_per_node={gpus_per_node}")
-    _parse_config(config_yaml)
+    config.parse_yaml(config_yaml or "", "<config>")
     if nodes > 1:
         job = job or job_config_from_yaml(config_yaml)
         return run_pytorchjob(task, config_yaml, overrides, gpus_per_node=gpus_per_node, nodes=nodes,
@@ -429,10 +416,7 @@ def validate_task_config(task: str, config_yaml: str, overrides: list[str]) -> A
 
     module_name, cfg_name, _, section, _ = _tasks()[task]
     cls = getattr(importlib.import_module(module_name), cfg_name)
-    with tempfile.TemporaryDirectory(prefix="faceops-launch-") as tmp:
-        path = Path(tmp) / "config.yaml"
-        path.write_text(config_yaml or "")
-        return config.load(cls, path, list(overrides), section=section)
+    return config.load(cls, text=config_yaml or "", overrides=list(overrides), section=section, source="<config>")
 
 
 def check_shared_uris(task: str, cfg: Any) -> None:
