@@ -117,7 +117,8 @@ def tiny_dataset(tmp_path_factory) -> str:
 
 
 def kill_at_first_checkpoint(cmd: list[str], out: Path, env: dict, timeout_s: float = 300.0) -> None:
-    """Start a training command, SIGKILL it (whole process group) once ``out/last.pt`` exists."""
+    """Start a training command (or a whole ``faceops run``), SIGKILL it (whole process group) once
+    ``out/last.pt`` exists."""
     import signal
     import subprocess
     import time

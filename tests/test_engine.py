@@ -144,3 +144,143 @@ def test_collapse_metric():
     spread = torch.tensor([[1.0, 0, 0], [1, 0.1, 0], [-1, 0, 0], [-1, 0, 0.1]])
     assert mean_inter_identity_cosine(collapsed, labels) == pytest.approx(1.0)
     assert mean_inter_identity_cosine(spread, labels) < -0.9
+
+
+# -- checkpoints: the last K good states, corrupt ones skipped, never a silent restart ------------
+def _fit(data: str, out: Path, *sets: str, resume: bool = False):
+    from faceops.data.reader import BatchDataset, load_split
+    from faceops.train.engine import Engine
+    from faceops.train.recognizer import RecognizerTask
+
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(data, out, "engine.epochs=2", "engine.checkpoint_every_steps=1", *sets)
+    train = load_split(data, "train")
+    task = RecognizerTask(cfg, train, None, torch.device("cpu"))
+    engine = Engine(task, BatchDataset(train, cfg.loader, 0), cfg.engine, str(out), run_id="ck",
+                    model_name="edgeface_xxs")
+    registry = engine.metrics.registry
+    return engine, engine.fit(resume=resume), registry
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_keeps_the_last_k_good_checkpoints(tiny_dataset, tmp_path):
+    _fit(tiny_dataset, tmp_path, "engine.max_steps=5", "engine.keep_checkpoints=2")
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
+    assert kept == ["step-00000004.pt", "step-00000005.pt"]
+    assert load_checkpoint(str(tmp_path / "checkpoints" / kept[-1]))["step"] == 5
+
+
+def test_corrupt_last_falls_back_to_the_newest_good_one_and_says_so(tiny_dataset, tmp_path, caplog):
+    _fit(tiny_dataset, tmp_path, "engine.max_steps=4")
+    _truncate(tmp_path / "last.pt")
+    _truncate(tmp_path / "checkpoints" / "step-00000004.pt")
+    caplog.set_level("INFO", logger="faceops.train.engine")
+    engine, result, registry = _fit(tiny_dataset, tmp_path, "engine.max_steps=5", resume=True)
+    assert "resumed from " + str(tmp_path / "checkpoints" / "step-00000003.pt") + " at step 3" in caplog.text
+    assert f"{tmp_path}/last.pt is unreadable (checksum mismatch" in caplog.text
+    assert "step-00000004.pt is unreadable (checksum mismatch" in caplog.text
+    labels = {"stage": "train_recognizer", "run_id": "ck", "model": "edgeface_xxs"}
+    for name in ("last.pt", "step-00000004.pt"):
+        assert registry.get_sample_value("faceops_checkpoint_corrupt_total", {**labels, "checkpoint": name}) == 1
+    assert result.steps == 5 and load_checkpoint(str(tmp_path / "last.pt"))["step"] == 5
+
+
+def test_all_checkpoints_corrupt_is_an_error_naming_them(tiny_dataset, tmp_path):
+    from faceops.train.engine import TrainingError
+
+    _fit(tiny_dataset, tmp_path, "engine.max_steps=2", "engine.keep_checkpoints=1")
+    before = {p: p.read_bytes() for p in [tmp_path / "last.pt", *(tmp_path / "checkpoints").glob("*.pt")]}
+    for p in before:
+        _truncate(p)
+    with pytest.raises(TrainingError, match=r"cannot resume: no readable checkpoint .*last\.pt.*step-00000002\.pt"):
+        _fit(tiny_dataset, tmp_path, "engine.max_steps=3", resume=True)
+    assert all(p.stat().st_size == len(b) // 2 for p, b in before.items()), "a corrupt checkpoint was overwritten"
+
+
+def test_only_a_missing_checkpoint_starts_from_scratch(tiny_dataset, tmp_path, caplog):
+    caplog.set_level("INFO", logger="faceops.train.engine")
+    _, result, _ = _fit(tiny_dataset, tmp_path, "engine.max_steps=1", resume=True)
+    assert "no checkpoint in" in caplog.text and result.steps == 1
+
+
+def test_step_and_image_counters_at_default_log_interval(tiny_dataset, tmp_path):
+    """Default log_every_steps (10): the counters are exact per step, and NaN-skipped batches add nothing."""
+    engine, result, registry = _fit(tiny_dataset, tmp_path, "engine.epochs=20", "engine.max_steps=12",
+                                    "engine.log_every_steps=10",
+                                    "engine.nan_guard.inject_steps=[3]")
+    labels = {"stage": "train_recognizer", "run_id": "ck", "model": "edgeface_xxs"}
+    assert result.steps == 12
+    assert registry.get_sample_value("faceops_train_steps_total", labels) == 12
+    assert registry.get_sample_value("faceops_train_images_total", labels) == 12 * 8
+
+
+@pytest.mark.slow
+def test_ddp_nan_loss_on_one_rank_skips_on_all_without_hanging(tiny_dataset, tmp_path):
+    """A non-finite loss on rank 1 alone: every rank skips that batch (no DDP all-reduce left waiting)."""
+    sets = ("engine.epochs=6", "engine.max_steps=3", "engine.nan_guard.inject_steps=[1]",
+            "engine.nan_guard.inject_ranks=[1]")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "faceops.train.launch", *_train_cmd(tiny_dataset, tmp_path, *sets)[3:]]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
+    assert ckpt["step"] == 3 and ckpt["nan_events"]["loss"] == 1
+
+
+# -- review findings (model-contract issue, item 4): each failed on the code before its fix --------
+def test_rollback_keeps_best_patience_and_the_schedule_position(tiny_dataset, tmp_path):
+    """A snapshot from step 0 and a rollback at step 7: best/bad_epochs are not reset, LR follows the step."""
+    from faceops.data.reader import BatchDataset, load_split
+    from faceops.train.engine import Engine
+    from faceops.train.recognizer import RecognizerTask
+
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(tiny_dataset, tmp_path, "engine.epochs=4", "engine.nan_guard.snapshot_every=1000",
+                   "engine.nan_guard.inject_steps=[7, 7, 7]")
+    train = load_split(tiny_dataset, "train")
+    val = load_split(tiny_dataset, "val")
+    task = RecognizerTask(cfg, train, val, torch.device("cpu"))
+    seen: list = []
+    engine = Engine(task, BatchDataset(train, cfg.loader, 0), cfg.engine, str(tmp_path),
+                    on_epoch_start=lambda epoch, e: seen.append(e.best))
+    result = engine.fit()
+    assert result.rollbacks == 1
+    assert all(b is not None for b in seen[1:]), f"best was reset by the rollback: {seen}"
+    assert engine.best == max(h["val_accuracy"] for h in result.history)
+    assert engine.scheduler.last_epoch == engine.step
+
+
+def test_ema_warms_up_and_is_what_validation_scores(tiny_dataset, tmp_path):
+    from faceops.data.reader import BatchDataset, load_split
+    from faceops.train.engine import Engine
+    from faceops.train.recognizer import RecognizerTask
+
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(tiny_dataset, tmp_path, "engine.epochs=1", "engine.max_steps=3", "engine.ema_decay=0.999")
+    train, val = load_split(tiny_dataset, "train"), load_split(tiny_dataset, "val")
+    task = RecognizerTask(cfg, train, val, torch.device("cpu"))
+    init = {k: v.clone() for k, v in task.model.state_dict().items()}
+    engine = Engine(task, BatchDataset(train, cfg.loader, 0), cfg.engine, str(tmp_path))
+    result = engine.fit()
+    raw = task.model.state_dict()
+    moved = [k for k, v in init.items() if v.is_floating_point() and not torch.equal(v, raw[k])]
+    ema_part = sum((engine.ema[k] - init[k]).norm() for k in moved) / sum((raw[k] - init[k]).norm() for k in moved)
+    assert ema_part > 0.2, f"the EMA stayed at the initialisation ({ema_part:.4f} of the way; no warm-up)"
+    task.model.load_state_dict(engine.ema)
+    with torch.no_grad():
+        task.model.eval()
+        figures = task.validate()
+    assert result.history[-1]["mean_cosine"] == pytest.approx(figures["mean_cosine"], abs=1e-6)
+
+
+def test_a_follow_up_phase_continues_with_the_trained_margin_head(tiny_dataset, tmp_path):
+    sets = ["engine.epochs=1", "engine.max_steps=2",
+            "phases=[{epochs: 1, optim: {name: sgd, lr: 1.0e-12, weight_decay: 0.0}}]"]
+    train_recognizer(tiny_cfg(tiny_dataset, tmp_path, *sets))
+    first = load_checkpoint(str(tmp_path / "best.pt" if (tmp_path / "best.pt").exists() else tmp_path / "last.pt"))
+    phase = load_checkpoint(str(tmp_path / "phase1" / "last.pt"))
+    for k, v in first["head"].items():  # an LR of 1e-12: the phase ends where it started
+        torch.testing.assert_close(phase["head"][k], v, msg=f"head.{k} was re-initialised for the phase")

@@ -120,3 +120,42 @@ def test_failing_step_is_named_with_its_log(tmp_path, capsys):
 def test_run_help_explains():
     r = subprocess.run([sys.executable, "-m", "faceops.train.launch", "run", "--help"], capture_output=True, text=True)
     assert "synthetic" in r.stdout and "--data" in r.stdout
+
+
+@pytest.mark.slow
+def test_sigkilled_faceops_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL `faceops run` mid-training; the same command resumes from the last good checkpoint and
+    ends with the weights of an uninterrupted run (CPU, seeded)."""
+    import os
+
+    import torch
+    from conftest import kill_at_first_checkpoint
+
+    from faceops.train.checkpoint import load_checkpoint
+
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["recognizer"]["engine"].update(epochs=4, max_steps=8, checkpoint_every_steps=2)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "faceops.train.launch", "run", "arcface_resnet34", "--config", str(cfg_file),
+                "--out", str(out)]
+
+    def recognizer(out: Path) -> Path:
+        return out / "store" / "runs" / "run" / "recognizer"
+
+    subprocess.run(cmd(tmp_path / "ref"), check=True, env=env, capture_output=True, timeout=900)
+    run = tmp_path / "run"
+    kill_at_first_checkpoint(cmd(run), recognizer(run), env, timeout_s=600)
+    killed_at = load_checkpoint(str(recognizer(run) / "last.pt"))["step"]
+    assert killed_at < 8
+    r = subprocess.run(cmd(run), env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    log = (run / "logs" / "train_recognizer.log").read_text()
+    assert f"at step {killed_at}" in log and "resumed from" in log
+    a, b = (load_checkpoint(str(recognizer(o) / "last.pt")) for o in (tmp_path / "ref", run))
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after a resume from step {killed_at}"

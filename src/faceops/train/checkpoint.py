@@ -9,7 +9,8 @@ Inf is refused, so a diverged run can never overwrite the last good checkpoint. 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from faceops import config
 from faceops.errors import FaceopsError
-from faceops.storage import NotFoundError, split_uri
+from faceops.storage import NotFoundError, StoreError, split_uri
 
 FORMAT = 1
 
@@ -27,6 +28,10 @@ class CheckpointError(FaceopsError):
 
 
 class NonFiniteCheckpointError(CheckpointError):
+    pass
+
+
+class CheckpointNotFoundError(CheckpointError):
     pass
 
 
@@ -49,16 +54,66 @@ def first_non_finite(state: dict) -> str | None:
     return None
 
 
-def save_checkpoint(uri: str, state: dict) -> str:
-    """Write ``state`` to ``uri`` (``…/last.pt``) atomically; refuse non-finite values."""
+def save_checkpoint(uri: str, state: dict, copies: tuple[str, ...] = ()) -> str:
+    """Write ``state`` to ``uri`` (``…/last.pt``) atomically, first to each of ``copies`` (the
+    history that resume falls back on); refuse non-finite values."""
     bad = first_non_finite({k: v for k, v in state.items() if k != "rng"})
     if bad is not None:
         raise NonFiniteCheckpointError(f"refusing to write {uri}: '{bad}' holds NaN/Inf")
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
-    store, key = split_uri(uri)
-    store.put_bytes(key, buf.getvalue())
+    data = buf.getvalue()
+    for target in (*copies, uri):
+        store, key = split_uri(target)
+        store.put_bytes(key, data)
     return uri
+
+
+HISTORY = "checkpoints"  # <out>/checkpoints/step-00000123.pt: the last K good states
+
+
+def history_uri(out_uri: str, step: int) -> str:
+    return f"{out_uri.rstrip('/')}/{HISTORY}/step-{step:08d}.pt"
+
+
+def history(out_uri: str) -> list[str]:
+    """URIs of the kept checkpoints below ``out_uri``, newest first."""
+    out_uri = out_uri.rstrip("/")
+    store, key = split_uri(f"{out_uri}/{HISTORY}/")
+    names = sorted((k.rsplit("/", 1)[-1] for k in store.list(key)
+                    if re.fullmatch(r"step-\d{8}\.pt", k.rsplit("/", 1)[-1])), reverse=True)
+    return [f"{out_uri}/{HISTORY}/{n}" for n in names]
+
+
+def prune_history(out_uri: str, keep: int) -> None:
+    for uri in history(out_uri)[keep:]:
+        store, key = split_uri(uri)
+        store.delete(key)
+
+
+def load_newest_good(out_uri: str, map_location: str | torch.device = "cpu",
+                     on_bad: Callable[[str, str], None] | None = None) -> tuple[str, dict] | None:
+    """The newest readable checkpoint of a run: ``last.pt``, else the kept history, newest first.
+
+    None only when there is no checkpoint at all (a fresh run). A corrupt or unreadable file is
+    reported through ``on_bad(uri, reason)`` and skipped; when every file is bad this raises, naming
+    them: training never silently restarts over a run's checkpoints.
+    """
+    bad: list[tuple[str, str]] = []
+    for uri in [f"{out_uri.rstrip('/')}/last.pt", *history(out_uri)]:
+        try:
+            return uri, load_checkpoint(uri, map_location=map_location)
+        except CheckpointNotFoundError:
+            continue
+        except CheckpointError as exc:
+            bad.append((uri, str(exc)))
+            if on_bad:
+                on_bad(uri, str(exc))
+    if bad:
+        files = "; ".join(reason for _, reason in bad)
+        raise CheckpointError(f"no readable checkpoint in {out_uri} ({files}): move these files away to start "
+                              "from scratch, or restore one from a backup")
+    return None
 
 
 def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict:
@@ -67,7 +122,9 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict:
     try:
         data = store.get_bytes(key)
     except NotFoundError:
-        raise CheckpointError(f"checkpoint not found: {uri}") from None
+        raise CheckpointNotFoundError(f"checkpoint not found: {uri}") from None
+    except StoreError as exc:  # e.g. its sha256 sidecar does not match: a torn or modified file
+        raise CheckpointError(f"{uri} is unreadable ({exc})") from None
     try:
         ckpt = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for foreign/corrupt files

@@ -14,8 +14,8 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -29,7 +29,14 @@ from faceops.config import check, to_dict
 from faceops.data.reader import BatchDataset, make_loader
 from faceops.errors import FaceopsError
 from faceops.metrics import MetricsConfig, StageMetrics
-from faceops.train.checkpoint import NonFiniteCheckpointError, load_checkpoint, save_checkpoint
+from faceops.train.checkpoint import (
+    CheckpointError,
+    NonFiniteCheckpointError,
+    history_uri,
+    load_newest_good,
+    prune_history,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +82,7 @@ class NanGuardConfig:
     min_loss_scale: float = 1.0  # fp16: inf grads are the GradScaler's normal overflow skip above this scale
     inject_steps: list[int] = field(default_factory=list)  # fault injection (tests, demos)
     inject_kind: Literal["loss", "grad"] = "loss"
+    inject_ranks: list[int] = field(default_factory=list)  # DDP ranks that inject; empty = all
 
 
 @dataclass
@@ -89,6 +97,7 @@ class EngineConfig:
     monitor: str = "val_accuracy"  # validation metric for best checkpoint / early stopping
     monitor_mode: Literal["max", "min"] = "max"
     checkpoint_every_steps: int = 200  # plus one at every epoch end
+    keep_checkpoints: int = 3  # good states kept in <out>/checkpoints/ for resume to fall back on
     log_every_steps: int = 10
     collapse_warn: float = 0.95  # warn when mean inter-identity cosine exceeds this (seed 004: 0.9999)
     seed: int = 0
@@ -104,6 +113,7 @@ class EngineConfig:
         check(self.epochs >= 1, f"engine.epochs must be >= 1, got {self.epochs}")
         check(self.grad_accum >= 1, f"engine.grad_accum must be >= 1, got {self.grad_accum}")
         check(self.checkpoint_every_steps >= 1, "engine.checkpoint_every_steps must be >= 1")
+        check(self.keep_checkpoints >= 1, "engine.keep_checkpoints must be >= 1")
 
 
 # -- the task interface ----------------------------------------------------------------------------
@@ -259,6 +269,7 @@ class Engine:
         self.bad_epochs = 0
         self.lr_scale = 1.0
         self.nan_events = {"loss": 0, "grad": 0, "param": 0}
+        self._nan_this_process = {"loss": 0}  # this rank's, not yet in rank 0's metric (DDP)
         self.consecutive_nan = 0
         self.rollbacks = 0
         self.overflow_skips = 0  # fp16 loss-scale overflows (not NaN events)
@@ -282,9 +293,12 @@ class Engine:
         return {k: v.detach().clone() for k, v in self.modules["model"].state_dict().items()}
 
     def _update_ema(self) -> None:
+        """EMA with timm's warm-up: decay min(d, (1+n)/(10+n)) after n updates, so early averages
+        follow the model instead of staying near the random initialisation."""
         if self.ema is None:
             return
-        d = self.cfg.ema_decay
+        n = self.step  # updates before this one (called before the step counter moves)
+        d = min(self.cfg.ema_decay, (1 + n) / (10 + n))
         with torch.no_grad():
             for k, v in self.modules["model"].state_dict().items():
                 if v.is_floating_point():
@@ -329,12 +343,16 @@ class Engine:
         self._good_since_snapshot = 0
 
     def _rollback(self, step: int) -> None:
+        """Restore the weights and optimiser of the last good snapshot, nothing else: progress, the
+        best score, the early-stopping count and the schedule's position stay where they are (a
+        rollback must neither re-open ``best.pt`` to a worse model nor make the LR lag the step)."""
         snap = self._snapshot
         keep = (dict(self.nan_events), self.rollbacks + 1, self.lr_scale * self.cfg.nan_guard.lr_factor,
-                self.history, self.step, self.epoch, self.batch_in_epoch)
+                self.history, self.step, self.epoch, self.batch_in_epoch, self.best, self.bad_epochs)
         self.load_state({**copy.deepcopy(snap), "history": self.history})
         (self.nan_events, self.rollbacks, self.lr_scale, self.history,
-         self.step, self.epoch, self.batch_in_epoch) = keep  # go on from here, with restored weights
+         self.step, self.epoch, self.batch_in_epoch, self.best, self.bad_epochs) = keep
+        self.scheduler.last_epoch = self.step  # one scheduler step per optimiser step
         self._apply_lr_scale()
         self.consecutive_nan = 0
         if self.metrics:
@@ -349,23 +367,39 @@ class Engine:
             g["lr"] = b * f(sched.last_epoch) * self.lr_scale
 
     def checkpoint(self, name: str = "last.pt") -> str | None:
+        """Write ``<out>/<name>``; ``last.pt`` also goes to the history of the last K good states."""
         if not self.dist.main:
             return None
         uri = f"{self.out_uri}/{name}"
+        copies = (history_uri(self.out_uri, self.step),) if name == "last.pt" else ()
         try:
-            return save_checkpoint(uri, self.state())
+            save_checkpoint(uri, self.state(), copies)
         except NonFiniteCheckpointError as exc:
             log.error("%s (the previous checkpoint is kept)", exc)
             return None
+        if copies:
+            prune_history(self.out_uri, self.cfg.keep_checkpoints)
+        return uri
+
+    def _bad_checkpoint(self, uri: str, reason: str) -> None:
+        log.error("%s: unreadable checkpoint skipped: %s", self.task.stage, reason)
+        if self.metrics:
+            self.metrics.labels(self.metrics.corrupt_checkpoints, checkpoint=uri.rsplit("/", 1)[-1]).inc()
 
     def resume(self) -> bool:
-        """Continue from ``<out>/last.pt`` if present."""
-        uri = f"{self.out_uri}/last.pt"
+        """Continue from the newest good checkpoint of ``<out>`` (``last.pt``, else the history).
+
+        Only a run without any checkpoint starts from scratch; a corrupt one is logged, counted
+        (``faceops_checkpoint_corrupt_total``) and skipped; all of them corrupt is an error.
+        """
         try:
-            s = load_checkpoint(uri, map_location=self.device)
-        except FaceopsError:
-            log.info("no checkpoint at %s: starting from scratch", uri)
+            found = load_newest_good(self.out_uri, self.device, on_bad=self._bad_checkpoint)
+        except CheckpointError as exc:
+            raise TrainingError(f"{self.task.stage}: cannot resume: {exc}") from None
+        if found is None:
+            log.info("no checkpoint in %s: starting from scratch", self.out_uri)
             return False
+        uri, s = found
         if s.get("dataset_hash") and self.dataset_hash and s["dataset_hash"] != self.dataset_hash:
             raise TrainingError(f"{uri} was trained on dataset {s['dataset_hash'][:12]}, not "
                                 f"{self.dataset_hash[:12]}: use a new --out to train on another dataset")
@@ -375,11 +409,26 @@ class Engine:
         return True
 
     # ---- the loop
-    def _nan_event(self, kind: str) -> None:
-        """Count a skipped batch; K in a row -> roll back; past the budget -> stop with the step."""
+    def _all_ranks(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every DDP rank."""
+        if self.dist.world_size <= 1:
+            return ok
+        flag = torch.tensor([float(ok)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _nan_event(self, kind: str, here: bool = True) -> None:
+        """Count a skipped batch; K in a row -> roll back; past the budget -> stop with the step.
+
+        The guard's state counts the event on every rank (they skip and roll back together). The
+        metric counts where it happened: a loss is per rank (``here``), summed into rank 0's counter
+        at each epoch end; grads and params are all-reduced, so rank 0 counts those itself.
+        """
         self.nan_events[kind] += 1
         self.consecutive_nan += 1
-        if self.metrics:
+        if kind == "loss" and self.dist.world_size > 1:
+            self._nan_this_process[kind] += int(here)
+        elif self.metrics:
             self.metrics.labels(self.metrics.nan_events, kind=kind).inc()
         total = sum(self.nan_events.values())
         where = f"step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})"
@@ -387,7 +436,6 @@ class Engine:
                     where, total)
         guard = self.cfg.nan_guard
         if total > guard.budget:
-            self._finish_metrics()
             raise TrainingError(f"{self.task.stage}: NaN budget exceeded ({total} > nan_guard.budget="
                                 f"{guard.budget}) at {where}; last non-finite value: {kind}. Lower optim.lr, "
                                 "enable clipping (engine.clip_grad_norm) or soften the margin (margin.m); "
@@ -404,12 +452,25 @@ class Engine:
     def _should_inject(self, kind: str) -> bool:
         """Fault injection: each entry of nan_guard.inject_steps poisons one batch at that step
         (repeat a step to poison consecutive batches, e.g. to trigger a rollback)."""
-        if self.cfg.nan_guard.inject_kind != kind or self._to_inject.get(self.step, 0) <= 0:
+        g = self.cfg.nan_guard
+        if g.inject_kind != kind or self._to_inject.get(self.step, 0) <= 0:
+            return False
+        if g.inject_ranks and self.dist.rank not in g.inject_ranks:
             return False
         self._to_inject[self.step] -= 1
         return True
 
     def fit(self, resume: bool = False) -> FitResult:
+        """Train to the end; the run's metrics are marked finished, as a success or a failure."""
+        try:
+            result = self._fit(resume)
+        except BaseException:
+            self._finish_metrics(success=False)
+            raise
+        self._finish_metrics(success=True)
+        return result
+
+    def _fit(self, resume: bool) -> FitResult:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         if resume:
@@ -432,7 +493,6 @@ class Engine:
             if stop:
                 stopped_early = True
                 break
-        self._finish_metrics()
         best_uri = f"{self.out_uri}/best.pt" if self.best is not None else None
         return FitResult(self.step, self.epoch, self.best, self.history, dict(self.nan_events),
                          self.rollbacks, f"{self.out_uri}/last.pt", best_uri, stopped_early)
@@ -447,7 +507,7 @@ class Engine:
         bar = tqdm(total=n_batches, initial=self.batch_in_epoch, unit="batch",
                    desc=f"{self.task.stage} epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.dist.main), leave=False)
-        t_last, imgs_last = time.time(), 0
+        t_last, imgs_last, imgs_step = time.time(), 0, 0
         self.optimizer.zero_grad(set_to_none=True)
         micro = 0
         for batch in loader:
@@ -456,24 +516,30 @@ class Engine:
             if self._should_inject("loss"):
                 loss = loss * float("nan")
             self.batch_in_epoch += 1
-            if not torch.isfinite(loss):
+            local_ok = bool(torch.isfinite(loss))
+            if not self._all_ranks(local_ok):  # every rank skips together, or DDP's all-reduce would hang
                 self.optimizer.zero_grad(set_to_none=True)
-                micro = 0
-                self._nan_event("loss")
+                micro = imgs_step = 0
+                self._nan_event("loss", here=not local_ok)
                 bar.update(1)
                 continue
             self.scaler.scale(loss / cfg.grad_accum).backward()
             micro += 1
             imgs_last += len(batch["label"]) * self.dist.world_size
+            imgs_step += len(batch["label"]) * self.dist.world_size
             if micro < cfg.grad_accum and self.batch_in_epoch < n_batches:
                 bar.update(1)
                 continue
             micro = 0
             ok = self._optimizer_step()
             bar.update(1)
+            step_images, imgs_step = imgs_step, 0
             if not ok:
                 continue
             self.step += 1
+            if self.metrics:  # one real optimiser step: never counted twice, whatever the log interval
+                self.metrics.labels(self.metrics.steps).inc()
+                self.metrics.labels(self.metrics.images).inc(step_images)
             self.consecutive_nan = 0
             self._good_since_snapshot += 1
             if self._good_since_snapshot >= cfg.nan_guard.snapshot_every:
@@ -537,12 +603,36 @@ class Engine:
             m.labels(m.lr).set(lr)
             m.labels(m.grad_norm).set(getattr(self, "_last_grad_norm", 0.0))
             m.labels(m.throughput).set(ips)
-            m.labels(m.steps).inc(self.cfg.log_every_steps if self.step > 1 else 1)
             if self.step % self.cfg.metrics.push_every_steps == 0:
                 m.push()
 
+    @contextmanager
+    def _ema_weights(self) -> Iterator[None]:
+        """Validate what is served: with an EMA, the EMA weights pick ``best.pt`` and stop early."""
+        if self.ema is None:
+            yield
+            return
+        model = self.modules["model"]
+        raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.ema)
+        try:
+            yield
+        finally:
+            model.load_state_dict(raw)
+
+    def _count_rank_nan_losses(self) -> None:
+        """Add every DDP rank's non-finite losses since the last epoch end to rank 0's counter."""
+        if self.dist.world_size <= 1:
+            return
+        n = torch.tensor([float(self._nan_this_process["loss"])], device=self.device)
+        self._nan_this_process["loss"] = 0
+        dist.all_reduce(n)
+        if self.metrics and n.item() > 0:
+            self.metrics.labels(self.metrics.nan_events, kind="loss").inc(n.item())
+
     def _end_epoch(self, seconds: float, partial: bool = False) -> bool:
         cfg = self.cfg
+        self._count_rank_nan_losses()
         if not partial:
             self.epoch += 1
             self.batch_in_epoch = 0
@@ -550,7 +640,7 @@ class Engine:
         if self.dist.main:
             for m in self.modules.values():
                 m.eval()
-            with torch.no_grad():
+            with torch.no_grad(), self._ema_weights():
                 figures = self.task.validate()
         stop = False
         if self.dist.main:
@@ -599,9 +689,9 @@ class Engine:
                 m.labels(m.collapse).set(record["mean_cosine"])
             m.push()
 
-    def _finish_metrics(self) -> None:
+    def _finish_metrics(self, success: bool) -> None:
         if self.metrics:
-            self.metrics.close()
+            self.metrics.finish(success)
             self.metrics = None
 
 

@@ -33,6 +33,7 @@ from faceops.train.recognizer import (
     RecognizerTrainConfig,
     embed_arrays,
     fit_task,
+    load_head,
     prepare_start,
     validate_embeddings,
 )
@@ -246,17 +247,6 @@ def _start_model(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict | None]:
     return replace(cfg, model=model_cfg), ckpt
 
 
-def _load_head(task: FinetuneTask, ckpt: dict, dataset_hash: str) -> bool:
-    """Reuse the start checkpoint's class centres when they belong to the same identities."""
-    head = ckpt.get("head")
-    if head is None or ckpt.get("dataset_hash") != dataset_hash:
-        return False
-    if any(head[k].shape != v.shape for k, v in task.head.state_dict().items() if k in head):
-        return False
-    task.head.load_state_dict(head)
-    return True
-
-
 def finetune_edgeface(cfg: FinetuneConfig, resume: bool = False) -> FitResult:
     """Fine-tune a recognizer on DSR outputs of ``cfg.data``'s VLR view; checkpoints go to ``cfg.out``."""
     if not cfg.data or not cfg.out or not cfg.dsr:
@@ -276,7 +266,7 @@ def finetune_edgeface(cfg: FinetuneConfig, resume: bool = False) -> FitResult:
     torch.manual_seed(cfg.engine.seed)  # a new margin head's class centres are part of the run's recipe
     task = FinetuneTask(cfg, train, val, device, dsr)
     prepare_start(task.model, task.cfg)
-    if start is not None and cfg.reuse_head and _load_head(task, start, manifest["content_hash"]):
+    if cfg.reuse_head and load_head(task.head, start, manifest["content_hash"]):
         log.info("finetune: margin head taken from %s (same dataset)", cfg.init_from)
     log.info("fine-tuning %s on DSR(%s) of %d images: %d head-only + %d full epochs", cfg.model.name,
              cfg.vlr_size, len(train), cfg.stage1_epochs, cfg.stage2_epochs)

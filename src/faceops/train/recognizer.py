@@ -145,8 +145,10 @@ def run_id_for(out: str) -> str:
     return os.environ.get("FACEOPS_RUN_ID") or out.rstrip("/").rsplit("/", 1)[-1]
 
 
-def prepare_start(model: nn.Module, cfg: RecognizerTrainConfig) -> None:
-    """Start from a user's pretrained file or a faceops checkpoint, when configured."""
+def prepare_start(model: nn.Module, cfg: RecognizerTrainConfig) -> dict | None:
+    """Start from a user's pretrained file or a faceops checkpoint, when configured; returns the
+    checkpoint of ``init_from`` (its head may be reused: see ``load_head``)."""
+    ckpt = None
     if cfg.pretrained:
         report = load_pretrained(model, cfg.pretrained, strict=True, init_missing=cfg.pretrained_init_missing)
         log.info("pretrained weights from %s: %s", cfg.pretrained, report.summary())
@@ -157,6 +159,18 @@ def prepare_start(model: nn.Module, cfg: RecognizerTrainConfig) -> None:
         if ckpt["kind"] != "recognizer":
             raise FaceopsError(f"init_from {cfg.init_from} is a {ckpt['kind']} checkpoint, not a recognizer")
         model.load_state_dict(ckpt.get("ema") or ckpt["model"])
+    return ckpt
+
+
+def load_head(head: nn.Module, ckpt: dict | None, dataset_hash: str) -> bool:
+    """Reuse a checkpoint's margin head (class centres) when it was trained on the same identities."""
+    state = (ckpt or {}).get("head")
+    if state is None or ckpt.get("dataset_hash") != dataset_hash:
+        return False
+    if any(state[k].shape != v.shape for k, v in head.state_dict().items() if k in state):
+        return False
+    head.load_state_dict(state)
+    return True
 
 
 def train_recognizer(cfg: RecognizerTrainConfig, resume: bool = False) -> FitResult:
@@ -182,7 +196,9 @@ def train_recognizer(cfg: RecognizerTrainConfig, resume: bool = False) -> FitRes
                             engine=replace(cfg.engine, epochs=phase.epochs, optim=phase.optim,
                                            schedule=phase.schedule), phases=[])
         task = RecognizerTask(phase_cfg, train, val, device)
-        prepare_start(task.model, phase_cfg)
+        start = prepare_start(task.model, phase_cfg)
+        if not load_head(task.head, start, manifest["content_hash"]):  # seed 002: continue, not restart
+            raise FaceopsError(f"phase {i}: the margin head of {phase_cfg.init_from} does not fit this dataset")
         result = fit_task(task, train, cfg.loader, phase_cfg.engine, f"{cfg.out.rstrip('/')}/phase{i}",
                           to_dict(phase_cfg), manifest["content_hash"], resume)
     return result
