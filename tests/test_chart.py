@@ -340,6 +340,26 @@ def test_prometheus_rule_is_the_plain_rules_file(chart):
     assert rule["spec"] == yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
 
 
+def test_without_triton_the_serving_alerts_are_left_out(chart):
+    """TritonDown fires when no Triton target exists: a release without Triton must not carry it."""
+    groups = only(render(chart, {"triton": {"enabled": False}}), "PrometheusRule")["spec"]["groups"]
+    assert [g["name"] for g in groups] == ["faceops-training"]
+    assert groups[0] == yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())["groups"][0]
+
+
+def test_triton_down_alert_matches_the_job_the_service_monitor_scrapes(chart):
+    """The Prometheus Operator names a ServiceMonitor's job after the Service: it must match the
+    alert's job regex, or TritonDown would only ever see "no target"."""
+    docs = render(chart)
+    rule = next(r for g in only(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]
+                if r["alert"] == "TritonDown")
+    (pattern,) = set(re.findall(r'up\{job=~"([^"]+)"\}', rule["expr"]))
+    monitor = only(docs, "ServiceMonitor", "triton")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    (service,) = [s for s in of_kind(docs, "Service") if selector.items() <= s["metadata"]["labels"].items()]
+    assert re.fullmatch(pattern, service["metadata"]["name"]), (pattern, service["metadata"]["name"])
+
+
 def test_service_monitors_scrape_triton_and_the_pushgateway(chart):
     docs = render(chart)
     monitors = {m["metadata"]["labels"]["app.kubernetes.io/component"]: m
@@ -370,9 +390,12 @@ def test_dashboard_shows_loss_nan_throughput_evaluation_and_triton_latency():
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
     for metric in ("faceops_train_loss", "faceops_nan_events_total", "faceops_train_images_per_second",
-                   "faceops_eval_metric", "nv_inference_queue_duration_us",
-                   "nv_inference_request_duration_us"):
+                   "faceops_eval_metric", "faceops_train_steps_total", "faceops_run_finished",
+                   "nv_inference_queue_duration_us", "nv_inference_request_duration_us", 'up{job=~".*triton.*"}'):
         assert metric in exprs, metric
+    # evaluation figures of runs whose Pushgateway group was already cleaned up still show
+    (evaluation,) = [p for p in panels if "faceops_eval_metric" in p["targets"][0]["expr"]]
+    assert evaluation["targets"][0]["expr"].startswith("last_over_time(")
     for panel in panels:
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
         for x in ("x", "y", "w", "h"):

@@ -153,6 +153,24 @@ def test_repository_layout_configs_and_new_versions(tmp_path):
     assert list(ens.input[0].dims) == [3, 32, 32] and ens.output[0].name == "embedding"
 
 
+def test_embedding_width_is_taken_from_the_model(tmp_path, data_dir):
+    """recognizer.embedding_dim is configurable: the ONNX graphs and every Triton config that serves
+    an embedding (recognizer, INT8, fused, ensemble) carry the model's width, not a fixed 512."""
+    torch.manual_seed(0)
+    model = create_recognizer(RecognizerConfig(name="edgeface_xxs", embedding_dim=128)).eval()
+    faces, labels = orl_faces(data_dir, people=4, per_person=3)
+    calib = CalibData(hr=faces, vlr={"32x32": vlr_of(faces)}, pairs=all_pairs(labels))
+    repo = tmp_path / "repo"
+    export_modules(model, str(repo), {"32x32": tiny_dsr()}, calib=calib, int8=True,
+                   cfg=ExportConfig(int8_max_accuracy_drop=1.0))
+    configs = validate_repository(open_store(str(repo)))
+    for name in ("recognizer", "recognizer_int8", "vlr_fused", "vlr_face"):
+        assert [(t.name, list(t.dims)) for t in configs[name].output] == [("embedding", [128])], name
+    inputs = {"recognizer": faces[:3], "recognizer_int8": faces[:3], "vlr_fused": vlr_of(faces[:3])}
+    for name, images in inputs.items():  # what Triton would return for these configs
+        assert run_onnx(repo / name / "1" / "model.onnx", to_input(images).numpy()).shape == (3, 128), name
+
+
 def test_two_vlr_sizes_get_size_specific_names(tmp_path):
     report = export_modules(tiny_recognizer(), str(tmp_path / "repo"),
                             {"32x32": tiny_dsr("32x32"), "14x16": tiny_dsr("14x16")})

@@ -1,14 +1,19 @@
-"""Prometheus end to end, with REAL servers: a training run pushes to a Pushgateway that Prometheus
-scrapes, the local Triton is scraped directly, and PromQL over Prometheus's HTTP API sees both.
+"""Prometheus end to end, with REAL servers: a training run and an evaluation push to a Pushgateway
+that Prometheus scrapes, the local Triton is scraped directly, and PromQL over Prometheus's HTTP API
+sees them, at default settings (no log or push interval pinned). Pushes never block training: a
+gateway that never answers costs one warning, not a stall; finished runs' groups are cleaned up.
 The local-run path (``MetricsConfig.port``) is checked against a real training run as well."""
 
 from __future__ import annotations
 
+import http.server
 import json
+import logging
 import math
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -22,13 +27,17 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from faceops import config
+from faceops.config import to_dict
 from faceops.data.reader import load_split
-from faceops.metrics import MetricsConfig, StageMetrics
+from faceops.metrics import MetricsConfig, StageMetrics, eval_figures
+from faceops.models import DSRConfig, RecognizerConfig, create_dsr, create_recognizer
 from faceops.serve.local import free_port
+from faceops.train.checkpoint import save_checkpoint
 from faceops.train.recognizer import RecognizerTask, RecognizerTrainConfig, fit_task, train_recognizer
 
-TINY = ["model.name=edgeface_xxs", "loader.batch_size=8", "engine.progress=false", "engine.log_every_steps=1",
-        "engine.amp=off", "engine.device=cpu"]
+BATCH = 8
+TINY = ["model.name=edgeface_xxs", f"loader.batch_size={BATCH}", "engine.progress=false", "engine.amp=off",
+        "engine.device=cpu"]
 SCRAPE_S = 1  # scrape and evaluation interval of the test Prometheus
 QUERY_DEADLINE_S = 15.0  # a pushed/served value must be queryable within this (several scrapes)
 START_DEADLINE_S = 30.0  # Prometheus and the Pushgateway answer /-/ready within this
@@ -156,14 +165,19 @@ def prom_stack(tmp_path_factory) -> Iterator[PromStack]:
 # -- training -> Pushgateway -> Prometheus --------------------------------------------------------
 @pytest.mark.slow
 def test_training_pushes_reach_prometheus(prom_stack, tiny_dataset, tmp_path):
+    """Default log and push intervals (10 and 50 steps, more than this run takes): the counters are
+    exact anyway, and the run ends marked finished and successful."""
     torch.set_num_threads(1)
     run_id = f"e2e-{time.time_ns()}"  # unique: the Pushgateway and Prometheus outlive a single test
     injected = [1, 2, 3]  # three poisoned losses, never two in a row: skipped, counted, no rollback
-    cfg = tiny_cfg(tiny_dataset, tmp_path / run_id, "engine.epochs=2", "engine.max_steps=6",
-                   f"engine.nan_guard.inject_steps={injected}", "engine.metrics.push_every_steps=1",
+    cfg = tiny_cfg(tiny_dataset, tmp_path / run_id, "engine.epochs=3",
+                   f"engine.nan_guard.inject_steps={injected}",
                    f"engine.metrics.pushgateway={prom_stack.pushgateway}")
+    assert cfg.engine.log_every_steps > 1 and cfg.engine.metrics.push_every_steps > 1
+    started = time.time()
     result = train_recognizer(cfg)
     assert result.nan_events["loss"] == len(injected) and result.rollbacks == 0
+    assert 3 < result.steps < cfg.engine.log_every_steps * 2  # steps between two logs are counted too
 
     nan_total = prom_stack.wait_for(f'sum(faceops_nan_events_total{{run_id="{run_id}"}})',
                                     lambda r: scalar(r) == len(injected))
@@ -180,6 +194,67 @@ def test_training_pushes_reach_prometheus(prom_stack, tiny_dataset, tmp_path):
     assert scalar(ips) > 0
     steps = prom_stack.wait_for(f'faceops_train_steps_total{{run_id="{run_id}"}}', lambda r: len(r) == 1)
     assert scalar(steps) == result.steps
+    images = prom_stack.wait_for(f'faceops_train_images_total{{run_id="{run_id}"}}', lambda r: len(r) == 1)
+    assert scalar(images) == result.steps * BATCH
+    finished = prom_stack.wait_for(f'faceops_run_finished{{run_id="{run_id}"}}', lambda r: scalar(r) == 1)
+    assert finished[0]["metric"]["stage"] == "train_recognizer"
+    success = prom_stack.wait_for(f'faceops_run_last_success_timestamp_seconds{{run_id="{run_id}"}}',
+                                  lambda r: len(r) == 1)
+    assert started <= scalar(success) <= time.time()
+
+
+# -- evaluation -> Pushgateway -> Prometheus ------------------------------------------------------
+def _checkpoints(root: Path) -> tuple[str, str, str]:
+    """Tiny random recognizer, fine-tuned recognizer and 32x32 DSR checkpoints."""
+    uris = []
+    for name, seed in (("rec", 0), ("ft", 1)):
+        torch.manual_seed(seed)
+        rcfg = RecognizerConfig(name="edgeface_xxs")
+        uris.append(save_checkpoint(str(root / f"{name}.pt"), {
+            "kind": "recognizer", "model_config": to_dict(rcfg), "model": create_recognizer(rcfg).state_dict(),
+            "config": {}}))
+    torch.manual_seed(2)
+    dcfg = DSRConfig(vlr_size="32x32", base_channels=8, residual_blocks=1)
+    uris.append(save_checkpoint(str(root / "dsr.pt"), {
+        "kind": "dsr", "model_config": to_dict(dcfg), "model": create_dsr(dcfg).state_dict(), "config": {},
+        "vlr_size": "32x32"}))
+    return uris[0], uris[1], uris[2]
+
+
+@pytest.mark.slow
+def test_every_evaluation_figure_reaches_prometheus(prom_stack, tiny_dataset, tmp_path, monkeypatch):
+    """The pipeline's evaluate stage, configured only by FACEOPS_PUSHGATEWAY (as on the cluster):
+    every figure of metrics.json, for HR and each VLR setting, is a faceops_eval_metric series."""
+    from faceops.stages import evaluate_stage
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("FACEOPS_PUSHGATEWAY", prom_stack.pushgateway)
+    monkeypatch.delenv("FACEOPS_RUN_ID", raising=False)
+    rec, ft, dsr = _checkpoints(tmp_path)
+    run_id = f"eval-{time.time_ns()}"
+    result = evaluate_stage(rec, tiny_dataset, str(tmp_path / run_id), dsr_uris=[dsr], finetuned_uri=ft,
+                            vlr_sizes=["32x32"])
+    written = json.loads((tmp_path / run_id / "metrics.json").read_text())
+    expected = {(setting, name): value for setting, name, value in eval_figures(written)}
+    assert {s for s, _ in expected} == {"hr", "32x32/bicubic", "32x32/dsr", "32x32/dsr_finetuned"}
+    for figure in ("accuracy", "eer", "auc", "threshold", "tar_at_far_1e-3", "rank1", "rank5"):
+        assert ("32x32/dsr_finetuned", figure) in expected, figure
+    for figure in ("psnr", "ssim", "identity_cosine"):
+        assert ("32x32/dsr", figure) in expected and ("hr", figure) not in expected, figure
+    assert result["verification"] == written["verification"]
+
+    promql = f'faceops_eval_metric{{run_id="{run_id}"}}'
+    series = prom_stack.wait_for(promql, lambda r: len(r) == len(expected))
+    got = {(s["metric"]["setting"], s["metric"]["name"]): float(s["value"][1]) for s in series}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    labels = series[0]["metric"]
+    assert labels["stage"] == "evaluate" and labels["model"] == "edgeface_xxs" and labels["job"] == "faceops"
+    finished = prom_stack.wait_for(f'faceops_run_finished{{run_id="{run_id}", stage="evaluate"}}',
+                                   lambda r: scalar(r) == 1)
+    assert scalar(finished) == 1
+    assert not prom_stack.query(f'faceops_train_steps_total{{run_id="{run_id}"}}')  # not a training run
 
 
 @pytest.mark.slow
@@ -194,6 +269,33 @@ def test_pushgateway_from_environment(prom_stack, monkeypatch):
     metrics.close()  # the final push
     promql = f'faceops_eval_metric{{run_id="{run_id}", stage="evaluate", name="accuracy"}}'
     assert scalar(prom_stack.wait_for(promql, lambda r: scalar(r) == 0.875)) == 0.875
+
+
+@pytest.mark.slow
+def test_finished_groups_are_deleted_after_the_retention(prom_stack):
+    """A run that ends deletes the finished groups older than the retention; a run still going (or
+    dead without finishing, which the stalled alert reports) and a fresh finished one are kept."""
+    gateway, tag = prom_stack.pushgateway, time.time_ns()
+    cfg = MetricsConfig(pushgateway=gateway, push_interval_s=0, finished_retention_s=3600)
+    old = StageMetrics("train_dsr", f"old-{tag}", "dsr", cfg)
+    assert old.finish(success=True)
+    running = StageMetrics("train_recognizer", f"running-{tag}", "edgeface_xxs", cfg)
+    assert running.pusher.flush(10)
+    time.sleep(1.5)  # the old run's group is now older than the next run's retention
+
+    def present() -> set[str]:
+        return {g["run_id"] for g in _groups(gateway) if g.get("run_id", "").endswith(f"-{tag}")}
+
+    assert {f"old-{tag}", f"running-{tag}"} <= present()
+    new = StageMetrics("finetune_edgeface", f"new-{tag}", "edgeface_xxs",
+                       MetricsConfig(pushgateway=gateway, push_interval_s=0, finished_retention_s=1.0))
+    assert new.finish(success=False)
+    assert present() == {f"running-{tag}", f"new-{tag}"}
+    running.finish(success=True)
+
+
+def _groups(gateway: str) -> list[dict[str, str]]:
+    return [g["labels"] for g in json.loads(http_get(f"http://{gateway}/api/v1/metrics"))["data"]]
 
 
 # -- Triton's own metrics --------------------------------------------------------------------------
@@ -275,3 +377,96 @@ def test_stage_metrics_port_binds_loopback_and_closes():
         assert 'run_id="port-reuse"' in http_get(f"http://127.0.0.1:{port}/metrics")
     finally:
         again.close()
+
+
+# -- pushes never slow or stop training ------------------------------------------------------------
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """A Pushgateway stand-in that records PUT bodies; the first request waits for ``release``."""
+
+    bodies: list[str]
+    first: threading.Event
+    release: threading.Event
+
+    def do_PUT(self) -> None:  # noqa: N802 -- http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        first = not self.first.is_set()
+        self.first.set()
+        if first:
+            self.release.wait(30)
+        self.bodies.append(body)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _sample(body: str, name: str) -> float | None:
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            if s.name == name:
+                return s.value
+    return None
+
+
+def test_push_returns_at_once_and_the_latest_state_wins():
+    """While the gateway holds a push, 50 more pushes neither block nor pile up: the queue keeps one,
+    and what is sent next is the state at send time (the newest loss), not the state when queued."""
+    handler = type("Recorder", (_Recorder,), {"bodies": [], "first": threading.Event(),
+                                              "release": threading.Event()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = MetricsConfig(pushgateway=f"127.0.0.1:{server.server_port}", push_interval_s=0)
+        m = StageMetrics("train_recognizer", "latest-wins", "edgeface_xxs", cfg)
+        assert handler.first.wait(10), "the start push never arrived"
+
+        def burst() -> None:
+            for k in range(1, 51):
+                m.labels(m.loss).set(k)
+                m.push()
+
+        caller = threading.Thread(target=burst)
+        caller.start()
+        caller.join(30)
+        assert not caller.is_alive(), "push() blocked while the gateway held a request"
+        assert m.pusher.dropped == 49
+        handler.release.set()
+        assert m.finish(success=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    first, *later = handler.bodies
+    assert _sample(first, "faceops_train_loss") is None and _sample(first, "faceops_run_finished") == 0
+    assert later and all(_sample(b, "faceops_train_loss") == 50 for b in later)
+    assert _sample(later[-1], "faceops_run_finished") == 1
+
+
+def _stalled_gateway() -> tuple[socket.socket, str]:
+    """A loopback port that accepts TCP connections in the kernel but never answers (a hung gateway)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    return sock, f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("gateway_kind", ["never answers", "refuses"])
+def test_unreachable_pushgateway_costs_one_warning_not_the_run(tiny_dataset, tmp_path, caplog, gateway_kind):
+    torch.set_num_threads(1)
+    if gateway_kind == "never answers":
+        sock, gateway = _stalled_gateway()
+    else:
+        sock, gateway = None, f"127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    caplog.set_level(logging.WARNING)
+    try:
+        cfg = tiny_cfg(tiny_dataset, tmp_path / "unreachable", "engine.epochs=2",
+                       f"engine.metrics.pushgateway={gateway}")
+        result = train_recognizer(cfg)
+    finally:
+        if sock is not None:
+            sock.close()
+    assert result.steps > 0 and (tmp_path / "unreachable" / "last.pt").is_file()
+    naming = [r for r in caplog.records if gateway in r.getMessage()]
+    assert len(naming) == 1, [r.getMessage() for r in naming]
+    assert naming[0].levelno == logging.WARNING
+    assert not [r for r in caplog.records if r.name.startswith("faceops.metrics") and r not in naming]

@@ -107,15 +107,19 @@ def evaluate_stage(model_uri: str, dataset_uri: str, out_uri: str, config_yaml: 
                    dsr_uris: list[str] | None = None, finetuned_uri: str = "",
                    vlr_sizes: list[str] | None = None, log_dir: str = "") -> dict:
     """Evaluate into ``out_uri`` (a folder, or a store URI: written locally, then uploaded).
-    The result carries ``report_dir``, the local folder holding metrics.json and report.html."""
+    The result carries ``report_dir``, the local folder holding metrics.json and report.html.
+    The figures are also pushed as ``faceops_eval_metric`` when ``FACEOPS_PUSHGATEWAY`` is set, with
+    the run id of ``out_uri`` (not of the local temporary folder a remote output is written to)."""
     from faceops.evaluate.runner import EvalConfig, evaluate
+    from faceops.metrics import run_id_for
 
     with stage_log(log_dir, "evaluate"):
         cfg = config.from_dict(EvalConfig, section(config_yaml, "evaluate"), "<pipeline config>: evaluate")
         remote = "://" in out_uri and not out_uri.startswith("file://")
         out_dir = tempfile.mkdtemp(prefix="faceops-eval-") if remote else out_uri.removeprefix("file://")
         result = evaluate(model_uri, out_dir, data=dataset_uri, dsr=dsr_uris or (),
-                          finetuned=finetuned_uri or None, vlr=vlr_sizes or (), cfg=cfg)
+                          finetuned=finetuned_uri or None, vlr=vlr_sizes or (), cfg=cfg,
+                          run_id=run_id_for(out_uri))
         if remote:
             store = open_store(out_uri)
             for f in sorted(Path(out_dir).iterdir()):

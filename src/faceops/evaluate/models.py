@@ -112,6 +112,7 @@ class Embedder:
     name: str = "recognizer"
     batch_size: int = 64
     flip: bool = False
+    arch: str = ""  # the architecture (checkpoint's model_config.name), the `model` label of its metrics
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         if len(images) == 0:
@@ -137,11 +138,11 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 def load_embedder(uri: str, batch_size: int = 64, flip: bool = False, device: str = "auto") -> Embedder:
     """A recognizer from a faceops checkpoint or an ``.onnx`` file."""
     if is_onnx(uri):
-        forward = onnx_forward(onnx_session(uri), ONNX_EMBEDDING)
+        forward, arch = onnx_forward(onnx_session(uri), ONNX_EMBEDDING), Path(uri).stem
     else:
-        module, _ = _load_checkpoint(uri, "recognizer")
-        forward = torch_forward(module, device)
-    return Embedder(forward, name=Path(uri).name, batch_size=batch_size, flip=flip)
+        module, meta = _load_checkpoint(uri, "recognizer")
+        forward, arch = torch_forward(module, device), (meta.get("model_config") or {}).get("name", "")
+    return Embedder(forward, name=Path(uri).name, batch_size=batch_size, flip=flip, arch=arch)
 
 
 # -- super-resolver ------------------------------------------------------------------------------

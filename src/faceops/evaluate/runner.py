@@ -39,6 +39,7 @@ from faceops.evaluate.models import (
 from faceops.evaluate.report import Curve, write_report
 from faceops.evaluate.sr_metrics import sr_metrics
 from faceops.evaluate.verification import verification_metrics
+from faceops.metrics import MetricsConfig, publish_evaluation, run_id_for
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class EvalConfig:
     hist_bins: int = 50  # bins of the genuine/impostor score histograms
     device: str = "auto"  # torch device for checkpoints: auto | cpu | cuda[:N]
     skip_missing: bool = False  # --images mode: drop pairs whose image is missing instead of failing
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # faceops_eval_metric: Pushgateway / port
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
@@ -76,12 +78,15 @@ class Models:
 def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str = "test",
              images: str | None = None, pairs: str | None = None, dsr: Sequence[str] = (),
              finetuned: str | None = None, vlr: Sequence[str] = (), cfg: EvalConfig | None = None,
-             prepare: PrepareConfig | None = None, degrade: DegradeConfig | None = None) -> dict:
+             prepare: PrepareConfig | None = None, degrade: DegradeConfig | None = None,
+             run_id: str | None = None) -> dict:
     """Evaluate and write ``out/metrics.json`` and ``out/report.html``; returns the metrics dict.
 
     Exactly one of ``data`` (dataset URI) or ``images`` + ``pairs`` is given. ``prepare``/``degrade``
     apply to ``images`` mode (a dataset was prepared at ingest). Without ``vlr`` the DSR models'
-    own sizes are evaluated.
+    own sizes are evaluated. Every figure is also set as ``faceops_eval_metric`` (label ``run_id``:
+    ``run_id``, default :func:`~faceops.metrics.run_id_for` of ``out``) and pushed when a
+    Pushgateway is configured (``cfg.metrics`` or ``FACEOPS_PUSHGATEWAY``).
     """
     cfg = cfg or EvalConfig()
     if (data is None) == (images is None and pairs is None):
@@ -112,6 +117,8 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
             "pairs": len(eval_data.test.pairs), "flip": cfg.flip, "dsr": list(dsr), "finetuned": finetuned,
             "threshold protocol": _protocol(eval_data, cfg)}
     write_report(out, metrics, curves, grids, info, cfg.hist_bins)
+    publish_evaluation(metrics, run_id or run_id_for(str(out)), models.recognizer.arch or models.recognizer.name,
+                       cfg.metrics)
     return metrics
 
 

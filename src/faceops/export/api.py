@@ -26,10 +26,10 @@ from faceops.export import int8 as int8_mod
 from faceops.export import tensorrt as trt_mod
 from faceops.export.config import ExportConfig
 from faceops.export.onnx_export import (
-    EMBEDDING_DIM,
     HR_SIZE,
     FusedVLR,
     check_parity,
+    embedding_dim,
     export_onnx,
 )
 from faceops.export.triton_repo import (
@@ -46,7 +46,11 @@ log = logging.getLogger(__name__)
 FORMATS = ("onnx",)
 HR_DIMS = (3, HR_SIZE, HR_SIZE)
 IN_SPEC = [TensorSpec("input", HR_DIMS)]
-EMB_SPEC = [TensorSpec("embedding", (EMBEDDING_DIM,))]
+
+
+def embedding_spec(dim: int) -> list[TensorSpec]:
+    """The ``embedding`` output of every recognizer-like model, as wide as the recognizer's."""
+    return [TensorSpec("embedding", (dim,))]
 
 
 @dataclass
@@ -92,16 +96,17 @@ def export_modules(recognizer: nn.Module, repo_uri: str, dsrs: dict[str, nn.Modu
     pending: list = []  # models are staged and published only once every gate has passed
     try:
         hr_batch = _batch(calib.hr if calib else None, HR_DIMS, cfg.parity_batch, "recognizer")
+        emb = embedding_spec(embedding_dim(recognizer, hr_batch))
         rec_path = export_onnx(recognizer, work / "recognizer.onnx", hr_batch[:1], "recognizer", cfg)
         parity = check_parity("recognizer", rec_path, recognizer, hr_batch, cfg)
-        _publish(pending, model_config("recognizer", "onnxruntime_onnx", IN_SPEC, EMB_SPEC, cfg),
+        _publish(pending, model_config("recognizer", "onnxruntime_onnx", IN_SPEC, emb, cfg),
                  rec_path, parity.as_dict())
-        int8_path = _export_int8(pending, report, rec_path, calib, cfg, work) if int8 else None
+        int8_path = _export_int8(pending, report, rec_path, calib, cfg, work, emb) if int8 else None
         for size, names in _names(sorted(dsrs or {})).items():
-            _export_vlr(pending, report, recognizer, dsrs[size], size, names, calib, cfg, work)
+            _export_vlr(pending, report, recognizer, dsrs[size], size, names, calib, cfg, work, emb)
         if trt:
             report["tensorrt"] = _export_trt(pending, report, recognizer, rec_path, int8_path, hr_batch, cfg,
-                                             work)
+                                             work, emb)
         for config, model_file, parity in pending:
             version = write_model(store, config, model_file)
             report["models"][config.name] = {"version": version, "platform": config.platform,
@@ -114,7 +119,7 @@ def export_modules(recognizer: nn.Module, repo_uri: str, dsrs: dict[str, nn.Modu
 
 
 def _export_int8(pending, report: dict, rec_path: Path, calib: CalibData | None, cfg: ExportConfig,
-                 work: Path) -> Path:
+                 work: Path, emb: list[TensorSpec]) -> Path:
     if calib is None:
         raise FaceopsError("--int8 needs calibration faces: pass the dataset (calib_dataset / --dataset) "
                            "whose val split calibrates and scores the INT8 model")
@@ -122,13 +127,14 @@ def _export_int8(pending, report: dict, rec_path: Path, calib: CalibData | None,
     n_cal = min(len(calib.hr), cfg.int8_calib_images)
     accuracy = int8_mod.int8_accuracy_change(rec_path, int8_path, calib.hr, calib.pairs, n_cal, cfg)
     report["int8"] = accuracy.as_dict()
-    _publish(pending, model_config("recognizer_int8", "onnxruntime_onnx", IN_SPEC, EMB_SPEC, cfg),
+    _publish(pending, model_config("recognizer_int8", "onnxruntime_onnx", IN_SPEC, emb, cfg),
              int8_path, None)
     return int8_path
 
 
 def _export_vlr(pending, report: dict, recognizer: nn.Module, dsr: nn.Module, size: str,
-                names: tuple[str, str, str], calib: CalibData | None, cfg: ExportConfig, work: Path) -> None:
+                names: tuple[str, str, str], calib: CalibData | None, cfg: ExportConfig, work: Path,
+                emb: list[TensorSpec]) -> None:
     """DSR model, fused DSR->recognizer model and the ensemble for one VLR size."""
     dsr_name, ens_name, fused_name = names
     w, h = degrade.parse_size(size)
@@ -142,9 +148,10 @@ def _export_vlr(pending, report: dict, recognizer: nn.Module, dsr: nn.Module, si
     fused = FusedVLR(dsr, recognizer, cfg.vlr_resize_mode)
     fused_path = export_onnx(fused, work / f"{fused_name}.onnx", vlr_batch[:1], "vlr_fused", cfg)
     parity = check_parity(fused_name, fused_path, fused, vlr_batch, cfg)
-    _publish(pending, model_config(fused_name, "onnxruntime_onnx", vlr_spec, EMB_SPEC, cfg),
+    _publish(pending, model_config(fused_name, "onnxruntime_onnx", vlr_spec, emb, cfg),
              fused_path, parity.as_dict())
-    _publish(pending, ensemble_config(ens_name, dsr_name, "recognizer", vlr_dims, cfg), None, None)
+    _publish(pending, ensemble_config(ens_name, dsr_name, "recognizer", vlr_dims, cfg, emb[0].dims[0]), None,
+             None)
 
 
 def _publish(pending: list, config, model_file, parity: dict | None) -> None:
@@ -152,7 +159,7 @@ def _publish(pending: list, config, model_file, parity: dict | None) -> None:
 
 
 def _export_trt(pending, report, recognizer, rec_path, int8_path, hr_batch, cfg: ExportConfig,
-                work: Path) -> dict:
+                work: Path, emb: list[TensorSpec]) -> dict:
     reason = trt_mod.unavailable_reason()
     if reason:
         print(f"TensorRT: {reason}; the ONNX models are exported and served as usual")
@@ -165,7 +172,7 @@ def _export_trt(pending, report, recognizer, rec_path, int8_path, hr_batch, cfg:
     for name, onnx_path, is_int8 in builds:
         engine = trt_mod.build_engine(onnx_path, work / f"{name}.plan", cfg, HR_DIMS, int8=is_int8)
         parity = trt_mod.check_engine_parity(name, engine, reference, hr_batch, cfg)
-        _publish(pending, model_config(name, "tensorrt_plan", IN_SPEC, EMB_SPEC, cfg, "KIND_GPU"),
+        _publish(pending, model_config(name, "tensorrt_plan", IN_SPEC, emb, cfg, "KIND_GPU"),
                  engine, parity.as_dict())
     return {"status": "built", "device": torch.cuda.get_device_name(0)}
 

@@ -22,7 +22,6 @@ from faceops.export.config import ExportConfig
 log = logging.getLogger(__name__)
 
 HR_SIZE = 112
-EMBEDDING_DIM = 512
 
 #: Triton/ONNX tensor names per model kind (ARCHITECTURE.md, "Serving").
 TENSOR_NAMES: dict[str, tuple[str, str]] = {
@@ -60,6 +59,17 @@ class FusedVLR(nn.Module):
         if hr.shape[-2:] != (HR_SIZE, HR_SIZE):
             hr = F.interpolate(hr, size=(HR_SIZE, HR_SIZE), mode=self.mode, align_corners=False)
         return self.recognizer(hr)
+
+
+def embedding_dim(recognizer: nn.Module, example: torch.Tensor) -> int:
+    """The recognizer's output width, taken from the model (``recognizer.embedding_dim`` is
+    configurable), never assumed: its ``embedding_dim`` attribute, checked against one forward pass."""
+    with torch.no_grad():
+        width = int(recognizer.eval().cpu()(example[:1].cpu()).shape[-1])
+    declared = getattr(recognizer, "embedding_dim", None)
+    if declared is not None and int(declared) != width:
+        raise FaceopsError(f"the recognizer declares embedding_dim={declared} but outputs {width} values")
+    return width
 
 
 def export_onnx(module: nn.Module, path: str | Path, example: torch.Tensor, kind: str,

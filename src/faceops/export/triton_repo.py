@@ -54,11 +54,12 @@ def model_config(name: str, platform: str, inputs: list[TensorSpec], outputs: li
 
 
 def ensemble_config(name: str, dsr: str, recognizer: str, vlr_dims: tuple[int, int, int],
-                    cfg: ExportConfig) -> mc.ModelConfig:
-    """``name``: VLR ``input`` -> ``dsr`` -> ``recognizer`` -> ``embedding`` (latest versions)."""
+                    cfg: ExportConfig, embedding_dim: int) -> mc.ModelConfig:
+    """``name``: VLR ``input`` -> ``dsr`` -> ``recognizer`` -> ``embedding`` [embedding_dim] (latest
+    versions; the width is the recognizer's, which the caller takes from the model)."""
     c = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=cfg.max_batch_size)
     _add_tensors(c.input, [TensorSpec("input", vlr_dims)])
-    _add_tensors(c.output, [TensorSpec("embedding", (512,))])
+    _add_tensors(c.output, [TensorSpec("embedding", (embedding_dim,))])
     c.version_policy.latest.num_versions = cfg.num_versions
     first = c.ensemble_scheduling.step.add(model_name=dsr, model_version=-1)
     first.input_map["input"] = "input"
