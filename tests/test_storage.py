@@ -1,17 +1,15 @@
 """ObjectStore behaviour, the same suite over a local folder and a real HTTP S3 endpoint (moto), plus
 the S3-only failure paths: multipart, dead endpoint, transient faults (a real TCP proxy that drops
-or throttles connections), missing bucket and rejected credentials (a moto server with auth on)."""
+or throttles connections, tests/faultproxy.py), missing bucket and rejected credentials (a moto server
+with auth on)."""
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import random
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -19,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from faultproxy import FaultProxy, moto_with_auth
 
 from faceops.errors import FaceopsError
 from faceops.storage import (
@@ -65,68 +64,12 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-class FlakyProxy:
-    """TCP proxy on loopback: the first ``failures`` connections fail (``drop``: closed at once,
-    ``slowdown``: answered with an S3 503 SlowDown), the rest are forwarded to ``upstream``."""
-
-    SLOWDOWN_BODY = (
-        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-        b"<Message>Please reduce your request rate.</Message><RequestId>1</RequestId></Error>"
-    )
-
-    def __init__(self, upstream: str, failures: int, mode: str = "drop"):
-        host, port = upstream.rsplit(":", 1)
-        self.upstream = (host, int(port))
-        self.failures, self.mode, self.failed = failures, mode, 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            if self.failed < self.failures:
-                self.failed += 1
-                self._fail(conn)
-            else:
-                up = socket.create_connection(self.upstream)
-                for src, dst in ((conn, up), (up, conn)):
-                    threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _fail(self, conn: socket.socket) -> None:
-        if self.mode == "slowdown":
-            request = b""
-            while b"\r\n\r\n" not in request and (chunk := conn.recv(65536)):
-                request += chunk
-            conn.sendall(
-                b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
-                + f"Content-Length: {len(self.SLOWDOWN_BODY)}\r\n\r\n".encode() + self.SLOWDOWN_BODY
-            )
-        conn.close()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            src.close()
-            dst.close()
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 @pytest.fixture
-def proxy_factory(moto_s3: dict[str, str]) -> Iterator[Callable[..., FlakyProxy]]:
-    proxies: list[FlakyProxy] = []
+def proxy_factory(moto_s3: dict[str, str]) -> Iterator[Callable[[], FaultProxy]]:
+    proxies: list[FaultProxy] = []
 
-    def make(failures: int, mode: str = "drop") -> FlakyProxy:
-        proxies.append(FlakyProxy(moto_s3["FACEOPS_S3_ENDPOINT"], failures, mode))
+    def make() -> FaultProxy:
+        proxies.append(FaultProxy(moto_s3["FACEOPS_S3_ENDPOINT"]))
         return proxies[-1]
 
     yield make
@@ -216,6 +159,42 @@ def test_url_names_the_object(store: ObjectStore) -> None:
     assert store.url("a/./b") == store.uri.rstrip("/") + "/a/b"
 
 
+def test_local_concurrent_writers_of_one_key_never_tear(tmp_path: Path) -> None:
+    """8 threads rewrite one key with different content while a reader reads it: every read matches
+    its checksum (data and sidecar move together) and no temp file is left."""
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("k", b"first")
+    errors: list[str] = []
+    done = threading.Event()
+
+    def writer(w: int) -> None:
+        for i in range(25):
+            try:
+                store.put_bytes("k", f"writer {w} round {i} ".encode() * (1 + (w * 7 + i) % 50))
+            except Exception as exc:
+                errors.append(f"put: {type(exc).__name__}: {exc}")
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                store.get_bytes("k")
+            except Exception as exc:
+                errors.append(f"get: {type(exc).__name__}: {exc}")
+
+    watch = threading.Thread(target=reader)
+    watch.start()
+    writers = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    done.set()
+    watch.join()
+    assert errors == [], errors[:3]
+    assert store.get_bytes("k").startswith(b"writer ")
+    assert sorted(p.name for p in store.root.iterdir()) == ["k", "k.sha256"]
+
+
 # -- S3 specifics ----------------------------------------------------------------------------------
 def test_s3_uri_layout_and_split_uri(s3_bucket: str) -> None:
     store = open_store(f"{s3_bucket}/runs/r1/")
@@ -284,34 +263,55 @@ def test_s3_hung_endpoint_times_out(s3_env: dict[str, str]) -> None:
         assert time.monotonic() - start < 5
 
 
-@pytest.mark.parametrize("mode", ["drop", "slowdown"])
+@pytest.mark.parametrize("mode", ["reset", "slowdown"])
 def test_s3_transient_failures_are_retried(
     mode: str, s3_bucket: str, s3_env: dict[str, str], proxy_factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    proxy = proxy_factory(failures=2, mode=mode)
+    proxy = proxy_factory()
+    proxy.set(mode, count=2)
     store = S3Store.from_uri(s3_bucket, settings=settings_for(s3_env, proxy.endpoint), retry=FAST)
     store.put_bytes("through/proxy", b"survived")
-    assert proxy.failed == 2
+    assert proxy.stats[mode] == 2
     assert store.get_bytes("through/proxy") == b"survived"
     assert caplog.text.count("transient") == 2
     assert_no_secret(caplog.text, s3_env)
 
 
+def test_s3_get_cut_mid_body_is_read_again(s3_bucket: str, s3_env: dict[str, str], proxy_factory,
+                                           tmp_path: Path) -> None:
+    """An answer that breaks mid-body is a network fault, retried like one (not an IntegrityError)."""
+    proxy = proxy_factory()
+    store = S3Store.from_uri(s3_bucket, settings=settings_for(s3_env, proxy.endpoint), retry=FAST)
+    payload = random.Random(2).randbytes(300_000)
+    store.put_bytes("big", payload)
+    proxy.set("cut_response", count=1)
+    assert store.get_bytes("big") == payload
+    proxy.set("cut_response", count=2)
+    assert store.get_file("big", tmp_path / "big").read_bytes() == payload
+    assert proxy.stats["cut_response"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"], "partial download left behind"
+    proxy.set("cut_response")  # for good: a clear error naming the object, no partial file
+    with pytest.raises(StoreError, match=rf"dropped the connection.*after 4 attempts.*{s3_bucket}/big"):
+        store.get_file("big", tmp_path / "again")
+    assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again*"))
+
+
 def test_s3_retries_give_up_with_a_clear_error(s3_bucket: str, s3_env: dict[str, str], proxy_factory) -> None:
-    proxy = proxy_factory(failures=100, mode="slowdown")
+    proxy = proxy_factory()
+    proxy.set("slowdown")
     store = S3Store.from_uri(s3_bucket, settings=settings_for(s3_env, proxy.endpoint), retry=FAST)
     with pytest.raises(StoreError, match="after 4 attempts.*SlowDown"):
         store.exists("k")
-    assert proxy.failed == FAST.attempts
+    assert proxy.stats["slowdown"] == FAST.attempts
 
 
 def test_s3_unrewindable_stream_is_not_retried(s3_bucket: str, s3_env: dict[str, str], proxy_factory) -> None:
     """Bytes already sent cannot be re-sent from a pipe: one attempt, then a clear error."""
-    proxy = proxy_factory(failures=0)
+    proxy = proxy_factory()
     store = S3Store.from_uri(s3_bucket, settings=settings_for(s3_env, proxy.endpoint), retry=FAST)
     assert not store.exists("warm")  # bucket checked through the healthy proxy
-    proxy.failures = proxy.failed + 1
+    proxy.set("reset", count=1)
     read_fd, write_fd = os.pipe()
     os.write(write_fd, b"abc")
     os.close(write_fd)
@@ -331,45 +331,10 @@ def test_s3_missing_bucket(s3_env: dict[str, str]) -> None:
 # -- credentials: a second moto server with authentication enforced --------------------------------
 @pytest.fixture(scope="module")
 def moto_auth() -> Iterator[dict[str, str]]:
-    """A moto server whose first 3 requests (create an IAM user, its key, an S3 policy) need no auth;
-    after that every request must be signed by that user's key."""
-    boto3 = pytest.importorskip("boto3", reason="boto3 (a moto dependency) is needed to create a user")
-    port = closed_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("the auth-enforcing moto server did not start")
-                time.sleep(0.1)
-        iam = boto3.client(
-            "iam", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-            aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap",
-        )
-        iam.create_user(UserName="faceops")
-        key = iam.create_access_key(UserName="faceops")["AccessKey"]
-        allow_s3 = [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]
-        policy = {"Version": "2012-10-17", "Statement": allow_s3}
-        iam.put_user_policy(UserName="faceops", PolicyName="s3", PolicyDocument=json.dumps(policy))
-        yield {
-            "FACEOPS_S3_ENDPOINT": f"127.0.0.1:{port}",
-            "FACEOPS_S3_ACCESS_KEY": key["AccessKeyId"],
-            "FACEOPS_S3_SECRET_KEY": key["SecretAccessKey"],
-            "FACEOPS_S3_SECURE": "false",
-            "FACEOPS_S3_REGION": "us-east-1",
-        }
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    """A moto server (own process) that enforces credentials (see :func:`faultproxy.moto_with_auth`)."""
+    pytest.importorskip("boto3", reason="boto3 (a moto dependency) is needed to create a user")
+    with moto_with_auth() as env:
+        yield env
 
 
 @pytest.mark.parametrize(
@@ -431,6 +396,17 @@ def test_settings_errors(env: dict[str, str], match: str) -> None:
 def test_bad_s3_uri(uri: str) -> None:
     with pytest.raises(StoreError):
         S3Store.from_uri(uri, settings=S3Settings("m:9000", "a", "b"))
+
+
+def test_retry_policy_from_env() -> None:
+    assert RetryPolicy.from_env({}) == RetryPolicy()
+    policy = RetryPolicy.from_env({"FACEOPS_S3_ATTEMPTS": "2", "FACEOPS_S3_CONNECT_TIMEOUT": "0.5",
+                                   "FACEOPS_S3_READ_TIMEOUT": "3"})
+    assert (policy.attempts, policy.connect_timeout, policy.read_timeout) == (2, 0.5, 3.0)
+    with pytest.raises(StoreError, match="FACEOPS_S3_ATTEMPTS='two' is not an integer"):
+        RetryPolicy.from_env({"FACEOPS_S3_ATTEMPTS": "two"})
+    with pytest.raises(StoreError, match="timeouts must be > 0.*FACEOPS_S3_"):
+        RetryPolicy.from_env({"FACEOPS_S3_READ_TIMEOUT": "0"})
 
 
 def test_retry_policy_backoff() -> None:

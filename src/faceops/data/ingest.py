@@ -8,6 +8,15 @@ Layout written to ``<store>/datasets/<name>/``::
 
 Shards are fixed-size uint8 arrays (not JPEG): training reads them with a memory map and no
 decoding, which is what lets one CPU core feed thousands of images per second.
+
+Bad input policy: a file that cannot be read or decoded (corrupt, truncated, not an image, too small,
+zero bytes, a duplicate) is *rejected, not fatal*: it is skipped, named with its reason in the log,
+the summary and ``ingest_report.json``, and the rest is ingested. Whatever is wrong with the source
+as a whole (missing or empty folder, a pairs file that is missing, malformed or names a path outside
+the source) or with the store (unreachable, wrong credentials) stops the ingest with an
+:class:`IngestError` naming the file or URI and what to do. Because the manifest is published last,
+in one PUT/rename, and only after every shard is stored, a failed ingest leaves no dataset behind:
+re-running the same command redoes it, and a completed one is never redone.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from faceops.data.degrade import DegradeConfig, degrade
 from faceops.data.prepare import PrepareConfig, prepare_face
 from faceops.errors import FaceopsError
 from faceops.evaluate.pairs import image_path, parse_pairs
-from faceops.storage import ObjectStore, open_store, sha256_bytes
+from faceops.storage import ObjectStore, StoreError, open_store, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +54,7 @@ PAIRS_SPLIT = "pairs"  # images referenced by an imported pairs file (LFW protoc
 MANIFEST = "manifest.json"
 REPORT = "ingest_report.json"
 FORMAT_VERSION = 1
+MAX_LOGGED = 10  # rejected files named one by one in the log and the summary
 
 
 class IngestError(FaceopsError):
@@ -105,8 +115,12 @@ class Decoded:
 # -- scanning ------------------------------------------------------------------------------------
 def scan(root: Path) -> tuple[list[Scanned], list[str]]:
     """Image candidates under ``root/<identity>/`` and the non-image files skipped."""
+    if not root.exists():
+        raise IngestError(f"source {root} does not exist: pass a folder of <identity>/<image> files "
+                          "(e.g. LFW or ORL) or an s3://bucket/prefix")
     if not root.is_dir():
-        raise IngestError(f"source {root} is not a folder of identity sub-folders")
+        raise IngestError(f"source {root} is a file, not a folder: pass the folder that holds one "
+                          "sub-folder per identity")
     images, skipped = [], []
     for entry in sorted(root.iterdir()):
         if not entry.is_dir():
@@ -119,7 +133,8 @@ def scan(root: Path) -> tuple[list[Scanned], list[str]]:
             else:
                 skipped.append(rel)
     if not images:
-        raise IngestError(f"no images found under {root} (expected <root>/<identity>/<image>)")
+        raise IngestError(f"no images found under {root}: expected <root>/<identity>/<image> with "
+                          f"extensions {', '.join(sorted(IMAGE_EXTS))}; point SOURCE at that root folder")
     return images, skipped
 
 
@@ -228,10 +243,22 @@ def ingest(source: str, name: str, store_uri: str, cfg: IngestConfig | None = No
     cfg = cfg or IngestConfig()
     if not name or "/" in name or name.startswith("."):
         raise IngestError(f"invalid dataset name {name!r}: use letters, digits, '-', '_'")
+    if pairs_file is not None and not Path(pairs_file).is_file():
+        raise IngestError(f"pairs file not found: {pairs_file} (pass an LFW pairs.txt / pairsDevTrain.txt "
+                          "with --pairs, or leave --pairs out to generate pairs)")
     t0 = time.time()
+    target = f"{store_uri.rstrip('/')}/datasets/{name}"
     with tempfile.TemporaryDirectory(prefix="faceops-ingest-") as tmp:
-        root = _materialise_s3(source, Path(tmp)) if source.startswith("s3://") else Path(source)
-        return _ingest_folder(root, source, name, open_store(store_uri), cfg, pairs_file, progress, t0)
+        try:
+            root = _materialise_s3(source, Path(tmp)) if source.startswith("s3://") else Path(source)
+        except StoreError as exc:
+            raise IngestError(f"cannot read the source {source}: {exc}") from exc
+        try:
+            return _ingest_folder(root, source, name, open_store(store_uri), cfg, pairs_file, progress, t0)
+        except StoreError as exc:
+            raise IngestError(
+                f"ingest into {target} failed: {exc}. Nothing was published ({MANIFEST} is written last), "
+                "so no reader sees a partial dataset; fix the store and re-run the same command") from exc
 
 
 def _ingest_folder(root: Path, source: str, name: str, store: ObjectStore, cfg: IngestConfig,
@@ -279,6 +306,12 @@ def _ingest_folder(root: Path, source: str, name: str, store: ObjectStore, cfg: 
     check_total = len(good) + len(rejected)
     if check_total != len(items):  # accepted + rejected = scanned, always
         raise IngestError(f"internal accounting error: {len(good)} + {len(rejected)} != {len(items)}")
+    for r in sorted(rejected, key=lambda r: r["file"])[:MAX_LOGGED]:
+        log.warning("rejected %s/%s: %s (skipped; see %s)", source.rstrip("/"), r["file"], r["reason"],
+                    store.url(f"{prefix}/{REPORT}"))
+    if len(rejected) > MAX_LOGGED:
+        log.warning("... and %d more rejected file(s): see %s", len(rejected) - MAX_LOGGED,
+                    store.url(f"{prefix}/{REPORT}"))
 
     # identity filtering, balanced sampling, splits
     per_identity: dict[str, list[str]] = defaultdict(list)
@@ -311,6 +344,8 @@ def _ingest_folder(root: Path, source: str, name: str, store: ObjectStore, cfg: 
                    for s, v in manifest["_split_images"].items()},
         "pairs": {s: len(p) for s, p in manifest["pairs"].items()},
         "bytes": shard_bytes, "seconds": round(time.time() - t0, 2),
+        "rejected_files": [f"{r['file']}: {r['reason']}" for r in sorted(rejected, key=lambda r: r["file"])
+                           ][:MAX_LOGGED],
     }
     del manifest["_split_images"]
     report = {"dataset": name, "source": source, "summary": stats,
@@ -327,6 +362,12 @@ def _ingest_folder(root: Path, source: str, name: str, store: ObjectStore, cfg: 
         "vlr_sizes": list(cfg.degrade.sizes), "hr_size": cfg.prepare.hr_size, "summary": stats,
         "distractors": distractors,
     })
+    raced = _existing_manifest(store, prefix)  # a concurrent ingest published while this one worked
+    if raced is not None:
+        if raced.get("fingerprint") == fingerprint:
+            return IngestResult(store.url(prefix), raced["content_hash"], True, raced["summary"])
+        raise IngestError(f"dataset {store.url(prefix)} was published by a concurrent ingest with different "
+                          f"content (hash {raced['content_hash'][:12]}); datasets are immutable: use a new --name")
     store.put_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())  # publish: last
     return IngestResult(store.url(prefix), content_hash, False, stats)
 
@@ -359,12 +400,19 @@ def _decode_all(unique: list[str], raw: dict[str, bytes], shas: dict[str, str], 
 def _import_pairs(pairs_file: str, good: dict[str, Decoded], split_images: dict[str, list[str]]) -> dict:
     """Resolve an LFW pairs file; its images form the ``pairs`` split (identities may overlap train)."""
     parsed = parse_pairs(pairs_file)
+    for k, p in enumerate(parsed.pairs):
+        for who in (p.name1, p.name2):
+            if not who or who in (".", "..") or "/" in who or "\\" in who:
+                raise IngestError(f"{pairs_file}: pair {k + 1} names {who!r}, which is not an identity folder "
+                                  "of the source (a path or '..' would escape it): use bare identity names "
+                                  "as in LFW's pairs.txt")
     refs = [(image_path("", p.name1, p.num1).as_posix(), image_path("", p.name2, p.num2).as_posix(), p)
             for p in parsed.pairs]
     miss = sorted({f for a, b, _ in refs for f in (a, b) if f not in good})
     if miss:
         raise IngestError(f"{pairs_file}: pairs reference {len(miss)} image(s) missing from the source "
-                          f"or rejected at ingest, e.g. {miss[:3]}")
+                          f"or rejected at ingest, e.g. {miss[:3]} (see the rejected files above): add them "
+                          "to the source or use the pairs file that belongs to it")
     files = sorted({f for a, b, _ in refs for f in (a, b)})
     split_images[PAIRS_SPLIT] = files
     index = {f: i for i, f in enumerate(files)}
@@ -420,6 +468,9 @@ def format_summary(result: IngestResult) -> str:
             ("status", "already present (nothing to do)" if result.already_present else "ingested"),
             ("scanned images", s["scanned"]), ("accepted", s["accepted"]), ("rejected", s["rejected"])]
     rows += [(f"  rejected: {k}", v) for k, v in sorted(s["rejected_by_reason"].items())]
+    rows += [("  rejected file", f) for f in s.get("rejected_files", [])]
+    if s["rejected"]:
+        rows += [("  every rejection in", f"{result.uri}/{REPORT}")]
     rows += [("skipped non-image files", s["skipped_non_image"]),
              ("capped (max per identity)", s["capped_by_max_per_identity"]),
              ("identities (eligible/found)", f"{s['identities_eligible']}/{s['identities_found']}")]

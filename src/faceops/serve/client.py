@@ -247,10 +247,11 @@ def _load(item: ImageLike) -> Image.Image:
         return Image.fromarray(item)
     path = Path(item)
     if not path.is_file():
-        raise FaceopsError(f"image not found: {path}")
+        raise FaceopsError(f"image not found: {path} (check the path; nothing was sent to the server)")
     try:
         with Image.open(path) as img:
             img.load()
             return img
-    except OSError as exc:
-        raise FaceopsError(f"{path} is not a readable image: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises all three for broken files
+        raise FaceopsError(f"{path} is not a readable image ({exc}): pass a face image file "
+                           f"(JPEG, PNG, PGM, …); nothing was sent to the server") from None

@@ -46,7 +46,7 @@ def check_server(url: str, repo_uri: str, faces: np.ndarray, timeout_s: float = 
         time.sleep(1.0)
     grpc = client._client()
     not_ready = [m for m in models if not grpc.is_model_ready(m)]
-    if not_ready:
+    if not_ready:  # the server keeps serving the others (--exit-on-error=false); a deploy must not pass
         raise FaceopsError(f"Triton at {url} does not serve {not_ready} from {repo_uri} "
                            "(check the server's model-control mode and its log)")
     t0 = time.perf_counter()
@@ -74,4 +74,8 @@ def smoke_test(repo_uri: str, dataset_uri: str | None = None, triton_url: str | 
     from faceops.serve.local import LocalTriton
 
     with LocalTriton(repo_uri) as server:
+        if server.failed_models:  # the local server keeps serving the others; a deploy check does not pass
+            raise FaceopsError(f"{repo_uri}: model(s) failed to load: " + "; ".join(
+                f"{name}: {why}" for name, why in sorted(server.failed_models.items())) +
+                " — re-export them with 'faceops export'")
         return {**check_server(server.grpc_url, repo_uri, faces), "url": "local (stopped after the check)"}

@@ -5,10 +5,14 @@ serving copy in which each ONNX model becomes a python-backend model running ONN
 ``model.onnx`` (same names, tensor names, shapes, dtypes, max_batch_size and dynamic batching);
 ensembles are copied unchanged and ``tensorrt_plan`` models are left out (they need the cluster's
 Triton and a GPU). Clients see the same models as on the cluster.
+
+One broken model does not take the others down, here as on the cluster: the server runs with
+``--exit-on-error=false --strict-readiness=false`` and readiness is per model (see :class:`LocalTriton`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -26,12 +30,15 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from faceops.errors import FaceopsError
-from faceops.export.triton_repo import CONFIG, MODEL_FILES, parse_config, to_text, versions
-from faceops.storage import ObjectStore, open_store
+from faceops.export.triton_repo import CONFIG, MODEL_FILES, ModelConfigError, parse_config, to_text, versions
+from faceops.storage import IntegrityError, LocalStore, NotFoundError, ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+#: tritonserver flags that keep the healthy models serving when one fails to load (the default exits),
+#: and make /v2/health/ready mean "the server answers"; the chart's Triton passes the same
+RESILIENCE_FLAGS = ("--exit-on-error=false", "--strict-readiness=false")
 
 
 class ServerError(FaceopsError):
@@ -66,7 +73,8 @@ def _pytriton_root() -> Path:
     return Path(pytriton.__file__).parent / "tritonserver"
 
 
-def _served_versions(store: ObjectStore, name: str, config: mc.ModelConfig) -> list[int]:
+def served_versions(store: ObjectStore, name: str, config: mc.ModelConfig) -> list[int]:
+    """The versions of ``name`` that Triton serves from ``store`` under ``config.version_policy``."""
     found = versions(store, name)
     policy = config.version_policy
     if policy.HasField("specific"):
@@ -76,37 +84,57 @@ def _served_versions(store: ObjectStore, name: str, config: mc.ModelConfig) -> l
     return found[-(policy.latest.num_versions or 1):]
 
 
-def materialise(repo_uri: str, dest: str | Path, cfg: LocalServeConfig | None = None) -> list[str]:
-    """Write the local serving copy of ``repo_uri`` to ``dest``; returns the model names served."""
+def materialise(repo_uri: str, dest: str | Path, cfg: LocalServeConfig | None = None,
+                failed: dict[str, str] | None = None) -> list[str]:
+    """Write the local serving copy of ``repo_uri`` to ``dest``; returns the model names served.
+
+    A model whose config does not parse or whose file cannot be fetched intact is left out and
+    recorded in ``failed`` (name -> reason), like Triton leaves out a model that fails to load.
+    """
     cfg = cfg or LocalServeConfig()
     store, dest = open_store(repo_uri), Path(dest)
+    if isinstance(store, LocalStore) and not store.root.is_dir():
+        raise ServerError(f"model repository {repo_uri} does not exist: pass the --repo that "
+                          f"'faceops export' wrote (or export into {repo_uri} first)")
     served = []
     for key in store.list():
         parts = key.split("/")
         if len(parts) != 2 or parts[1] != CONFIG:
             continue
         name = parts[0]
-        config = parse_config(store.get_bytes(key).decode(), store.url(key))
-        if config.platform == "tensorrt_plan":
-            log.info("local serve: %s (tensorrt_plan) needs the cluster Triton with a GPU; not served", name)
-            continue
-        if config.platform not in ("onnxruntime_onnx", "ensemble"):
-            raise ServerError(f"{store.url(key)}: platform {config.platform!r} cannot be served locally "
-                              f"(supported: onnxruntime_onnx, ensemble)")
-        for version in _served_versions(store, name, config):
-            vdir = dest / name / str(version)
-            vdir.mkdir(parents=True, exist_ok=True)
-            if config.platform == "onnxruntime_onnx":
-                store.get_file(f"{name}/{version}/{MODEL_FILES['onnxruntime_onnx']}", vdir / "model.onnx")
-                shutil.copyfile(PYTHON_MODEL, vdir / "model.py")
-        if config.platform == "onnxruntime_onnx":
-            config = _as_python_backend(config, cfg)
-        (dest / name / CONFIG).write_text(to_text(config))
-        served.append(name)
+        try:
+            if _materialise_model(store, name, key, dest, cfg):
+                served.append(name)
+        except (ModelConfigError, ServerError, IntegrityError, NotFoundError) as exc:
+            log.warning("local serve: model %s left out: %s", name, exc)
+            shutil.rmtree(dest / name, ignore_errors=True)
+            if failed is not None:
+                failed[name] = str(exc)
     if not served:
-        raise ServerError(f"{repo_uri} holds no servable model (expected <model>/{CONFIG}); run "
+        why = f"; left out: {failed}" if failed else ""
+        raise ServerError(f"{repo_uri} holds no servable model (expected <model>/{CONFIG}){why}; run "
                           f"'faceops export' first")
     return sorted(served)
+
+
+def _materialise_model(store: ObjectStore, name: str, key: str, dest: Path, cfg: LocalServeConfig) -> bool:
+    config = parse_config(store.get_bytes(key).decode(), store.url(key))
+    if config.platform == "tensorrt_plan":
+        log.info("local serve: %s (tensorrt_plan) needs the cluster Triton with a GPU; not served", name)
+        return False
+    if config.platform not in ("onnxruntime_onnx", "ensemble"):
+        raise ServerError(f"{store.url(key)}: platform {config.platform!r} cannot be served locally "
+                          f"(supported: onnxruntime_onnx, ensemble)")
+    for version in served_versions(store, name, config):
+        vdir = dest / name / str(version)
+        vdir.mkdir(parents=True, exist_ok=True)
+        if config.platform == "onnxruntime_onnx":
+            store.get_file(f"{name}/{version}/{MODEL_FILES['onnxruntime_onnx']}", vdir / "model.onnx")
+            shutil.copyfile(PYTHON_MODEL, vdir / "model.py")
+    if config.platform == "onnxruntime_onnx":
+        config = _as_python_backend(config, cfg)
+    (dest / name / CONFIG).write_text(to_text(config))
+    return True
 
 
 def _as_python_backend(config: mc.ModelConfig, cfg: LocalServeConfig) -> mc.ModelConfig:
@@ -145,8 +173,33 @@ def _server_env(root: Path) -> dict[str, str]:
     return env
 
 
+def _states(index: list[dict]) -> dict[str, str]:
+    states: dict[str, str] = {}
+    for entry in index:
+        name, state = entry.get("name", ""), entry.get("state") or "UNKNOWN"
+        if states.get(name) != "READY":
+            states[name] = state
+    return states
+
+
 class LocalTriton:
-    """Context manager: materialise ``repo_uri``, start tritonserver on loopback, wait until ready."""
+    """Context manager: materialise ``repo_uri``, start tritonserver on loopback, wait until ready.
+
+    Readiness, the same as the chart's Triton should report it:
+
+    * A model that fails to load (corrupt ``model.onnx``, bad config, an ensemble whose step failed)
+      is UNAVAILABLE; the others load and serve (``--exit-on-error=false``).
+    * ``start()`` returns once every model has settled (none LOADING): ``models`` are the ones that
+      serve, ``failed_models`` maps each one that does not to its reason (Triton's or the store's);
+      each failure is logged as a warning. It raises :class:`ServerError` only when none serves.
+    * Per-model readiness is the truth: ``GET /v2/models/<name>/ready`` is 200 for a serving model
+      and 400 for a failed one; ``model_states()`` reads Triton's repository index.
+    * ``GET /v2/health/ready`` means "the server answers requests" (``--strict-readiness=false``),
+      not "every model loaded": with Triton's strict default one broken extra model (say
+      ``recognizer_int8``) would mark the whole server unready and, on Kubernetes, take the healthy
+      ``recognizer`` out of the Service too. A probe for traffic checks the model the traffic
+      needs (``/v2/models/recognizer/ready``); ``ready()`` checks every model in ``models``.
+    """
 
     def __init__(self, repo_uri: str, cfg: LocalServeConfig | None = None, **overrides):
         self.repo_uri = repo_uri
@@ -155,7 +208,8 @@ class LocalTriton:
         self.grpc_port = self.cfg.grpc_port or free_port(host)
         self.http_port = self.cfg.http_port or free_port(host)
         self.metrics_port = self.cfg.metrics_port or free_port(host)
-        self.models: list[str] = []
+        self.models: list[str] = []  # serving (READY)
+        self.failed_models: dict[str, str] = {}  # name -> why it does not serve
         self._proc: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
 
@@ -175,7 +229,9 @@ class LocalTriton:
         root = _pytriton_root()
         self._tmp = tempfile.TemporaryDirectory(prefix="faceops-triton-")
         work = Path(self._tmp.name)
-        self.models = materialise(self.repo_uri, work / "models", self.cfg)
+        self.failed_models = {}
+        self._models_dir = work / "models"
+        materialised = materialise(self.repo_uri, self._models_dir, self.cfg, self.failed_models)
         backends = _backend_dir(root, work / "backends")
         self.log_path = work / "tritonserver.log"
         h = self.cfg.host
@@ -183,17 +239,20 @@ class LocalTriton:
                f"--backend-directory={backends}", f"--grpc-address={h}", f"--grpc-port={self.grpc_port}",
                f"--http-address={h}", f"--http-port={self.http_port}", "--allow-metrics=true",
                f"--metrics-address={h}", f"--metrics-port={self.metrics_port}",
-               "--disable-auto-complete-config", "--exit-on-error=true",
-               f"--log-verbose={self.cfg.log_verbose}"]
+               "--disable-auto-complete-config", *RESILIENCE_FLAGS, f"--log-verbose={self.cfg.log_verbose}"]
         log_file = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the server
         self._proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=_server_env(root),
                                       start_new_session=True)
         log_file.close()
         try:
             self._wait_ready()
+            self._settle(materialised)
         except BaseException:
             self.stop()
             raise
+        for name, reason in sorted(self.failed_models.items()):
+            log.warning("Triton: model %s is not served (%s): re-export it with 'faceops export' or remove "
+                        "it from %s; the other models are served", name, reason, self.repo_uri)
         log.info("Triton ready: gRPC %s, HTTP %s, metrics %s; models %s", self.grpc_url, self.http_url,
                  self.metrics_url, ", ".join(self.models))
         return self
@@ -214,6 +273,53 @@ class LocalTriton:
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {self.cfg.startup_timeout_s:.0f} s serving "
                           f"{self.repo_uri}:\n{self.log_tail()}")
+
+    def _settle(self, materialised: list[str]) -> None:
+        """Wait until no model is LOADING; split them into ``models`` and ``failed_models``."""
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while True:
+            index = self._index()
+            states = _states(index)
+            if "LOADING" not in states.values() or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        reasons = {e["name"]: e.get("reason", "") for e in index if e.get("state") != "READY"}
+        self.models = sorted(n for n in materialised if states.get(n) == "READY")
+        for name in materialised:
+            if states.get(name) != "READY":
+                why = " ".join((reasons.get(name) or self._unloaded_reason(name, states)).split())
+                why = why.split(" At: ")[0].replace(str(self._models_dir), self.repo_uri.rstrip("/"))
+                self.failed_models[name] = why[:500]  # Triton's reason without its traceback
+        if not self.models:
+            raise ServerError(f"no model of {self.repo_uri} loaded: {self.failed_models}\n{self.log_tail()}")
+
+    def _unloaded_reason(self, name: str, states: dict[str, str]) -> str:
+        """Why Triton did not even try ``name``: an ensemble whose step models do not serve."""
+        config = parse_config((self._models_dir / name / CONFIG).read_text())
+        missing = sorted({s.model_name for s in config.ensemble_scheduling.step} - {
+            n for n, state in states.items() if state == "READY"})
+        if missing:
+            return f"ensemble step model(s) {', '.join(missing)} not served"
+        return f"state {states.get(name, 'not in the repository index')}"
+
+    def _index(self) -> list[dict]:
+        """Triton's repository index: one entry per model version with its state and reason."""
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}",
+                                         method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return json.loads(resp.read() or b"[]")
+
+    def model_states(self) -> dict[str, str]:
+        """Model name -> READY / UNAVAILABLE / LOADING … now (READY if any version is)."""
+        return _states(self._index())
+
+    def ready(self) -> bool:
+        """The server answers and every model in ``models`` is READY (failed ones are not counted)."""
+        try:
+            states = self.model_states()
+        except OSError:
+            return False
+        return self.running() and all(states.get(m) == "READY" for m in self.models)
 
     def log_tail(self, chars: int = 4000) -> str:
         try:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from faceops.errors import FaceopsError
 
 CHUNK = 8 * 1024 * 1024
+T = TypeVar("T")
 
 
 class StoreError(FaceopsError, RuntimeError):
@@ -99,9 +100,12 @@ class ObjectStore(ABC):
             return self.put_stream(key, f, path.stat().st_size, digest)
 
     def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
-        stream, recorded = self.open_read(key)
-        with stream:
-            data = stream.read()
+        def attempt() -> tuple[bytes, str | None]:
+            stream, recorded = self._open_once(key)
+            with stream:
+                return stream.read(), recorded
+
+        data, recorded = self._attempts("get", key, attempt)
         self._verify(key, sha256_bytes(data), sha256 or recorded)
         return data
 
@@ -110,19 +114,33 @@ class ObjectStore(ABC):
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.part")
-        h = hashlib.sha256()
-        stream, recorded = self.open_read(key)
-        try:
+
+        def attempt() -> tuple[str, str | None]:
+            h = hashlib.sha256()
+            stream, recorded = self._open_once(key)
             with stream, open(tmp, "wb") as out:
                 for chunk in iter(lambda: stream.read(CHUNK), b""):
                     h.update(chunk)
                     out.write(chunk)
-            self._verify(key, h.hexdigest(), sha256 or recorded)
+            return h.hexdigest(), recorded
+
+        try:
+            actual, recorded = self._attempts("get", key, attempt)
+            self._verify(key, actual, sha256 or recorded)
         except BaseException:  # never leave a partial download behind
             tmp.unlink(missing_ok=True)
             raise
         tmp.replace(dest)
         return dest
+
+    # -- hooks for backends whose reads can fail mid-stream ---------------------------------------
+    def _open_once(self, key: str) -> tuple[BinaryIO, str | None]:
+        """One attempt at opening ``key``; a backend that retries overrides it with a raw open."""
+        return self.open_read(key)
+
+    def _attempts(self, action: str, key: str, fn: Callable[[], T]) -> T:
+        """Run one whole read (open + body) under the backend's retry policy; local reads: once."""
+        return fn()
 
     def _verify(self, key: str, actual: str, expected: str | None) -> None:
         if expected and actual != expected:

@@ -1,10 +1,19 @@
-"""Local-folder backend: the embedded default. Writes are temp-file + rename, so atomic."""
+"""Local-folder backend: the embedded default.
+
+An object is two files, ``<key>`` and its ``<key>.sha256`` sidecar. Each is written to a temp file
+unique to the writer (process *and* thread) and renamed into place; the two renames of one put, and a
+reader's open of the pair, happen under an ``flock`` on the object's folder (no lock file), so
+concurrent writers of the same key never leave one writer's data beside another's checksum.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,23 +33,44 @@ class LocalStore(ObjectStore):
             raise StoreError(f"object key {key!r} escapes the store root {self.root}")
         return p
 
+    @staticmethod
+    @contextmanager
+    def _locked(folder: Path, exclusive: bool) -> Iterator[None]:
+        """flock on ``folder`` itself around sidecar+data renames (held for microseconds)."""
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
     def put_stream(self, key: str, stream: BinaryIO, size: int, sha256: str) -> ObjectInfo:
         dest = self.path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as out:
-            shutil.copyfileobj(stream, out, CHUNK)
-        Path(str(tmp) + SIDECAR).write_text(sha256)
-        os.replace(str(tmp) + SIDECAR, str(dest) + SIDECAR)
-        os.replace(tmp, dest)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+        side = Path(str(tmp) + SIDECAR)
+        try:
+            with open(tmp, "xb") as out:
+                shutil.copyfileobj(stream, out, CHUNK)
+            side.write_text(sha256)
+            with self._locked(dest.parent, exclusive=True):
+                os.replace(side, str(dest) + SIDECAR)
+                os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+            side.unlink(missing_ok=True)
         return ObjectInfo(clean_key(key), size, sha256)
 
     def open_read(self, key: str) -> tuple[BinaryIO, str | None]:
         p = self.path(key)
-        if not p.is_file():
-            raise NotFoundError(f"{self.url(key)} does not exist")
         side = Path(str(p) + SIDECAR)
-        return open(p, "rb"), (side.read_text().strip() if side.is_file() else None)
+        try:
+            with self._locked(p.parent, exclusive=False):  # the open fd keeps this version if replaced next
+                if p.is_file():
+                    return open(p, "rb"), (side.read_text().strip() if side.is_file() else None)
+        except (FileNotFoundError, NotADirectoryError):  # no such folder
+            pass
+        raise NotFoundError(f"{self.url(key)} does not exist")
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
@@ -59,8 +89,11 @@ class LocalStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         p = self.path(key)
-        p.unlink(missing_ok=True)
-        Path(str(p) + SIDECAR).unlink(missing_ok=True)
+        if not p.parent.is_dir():
+            return
+        with self._locked(p.parent, exclusive=True):
+            p.unlink(missing_ok=True)
+            Path(str(p) + SIDECAR).unlink(missing_ok=True)
 
     def local_path(self, key: str) -> Path:
         """Direct path (no copy) for readers that memory-map shards."""

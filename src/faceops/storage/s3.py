@@ -3,29 +3,36 @@
 Endpoint and credentials come only from the environment (or a Kubernetes Secret mapped to it),
 never from code, configs or logs:
 
-=========================  ==================================================================
-``FACEOPS_S3_ENDPOINT``    ``host:port`` of the MinIO/S3 server (required), e.g.
-                           ``minio.faceops.svc:9000``; an ``http://``/``https://`` prefix also
-                           sets ``FACEOPS_S3_SECURE``
-``FACEOPS_S3_ACCESS_KEY``  access key (falls back to ``AWS_ACCESS_KEY_ID``)
-``FACEOPS_S3_SECRET_KEY``  secret key (falls back to ``AWS_SECRET_ACCESS_KEY``)
-``FACEOPS_S3_SECURE``      ``true`` (default, HTTPS) or ``false`` (plain HTTP, e.g. in-cluster MinIO)
-``FACEOPS_S3_REGION``      bucket region (optional; MinIO's default is ``us-east-1``, unset = ask
-                           the server)
-``SSL_CERT_FILE``          CA bundle for a MinIO with a private certificate (optional)
-=========================  ==================================================================
+==============================  ==================================================================
+``FACEOPS_S3_ENDPOINT``         ``host:port`` of the MinIO/S3 server (required), e.g.
+                                ``minio.faceops.svc:9000``; an ``http://``/``https://`` prefix also
+                                sets ``FACEOPS_S3_SECURE``
+``FACEOPS_S3_ACCESS_KEY``       access key (falls back to ``AWS_ACCESS_KEY_ID``)
+``FACEOPS_S3_SECRET_KEY``       secret key (falls back to ``AWS_SECRET_ACCESS_KEY``)
+``FACEOPS_S3_SECURE``           ``true`` (default, HTTPS) or ``false`` (plain HTTP, e.g. in-cluster MinIO)
+``FACEOPS_S3_REGION``           bucket region (optional; MinIO's default is ``us-east-1``, unset = ask
+                                the server)
+``SSL_CERT_FILE``               CA bundle for a MinIO with a private certificate (optional)
+``FACEOPS_S3_ATTEMPTS``         tries of one operation before giving up (default 5, i.e. 4 retries)
+``FACEOPS_S3_CONNECT_TIMEOUT``  seconds to open a connection (default 5)
+``FACEOPS_S3_READ_TIMEOUT``     seconds of silence on an open connection before a try is abandoned
+                                (default 30): what bounds a stalled endpoint
+==============================  ==================================================================
 
 Every object carries its sha256 as user metadata (``x-amz-meta-sha256``), verified on every read
 by :class:`~faceops.storage.base.ObjectStore`. Objects above 16 MiB go up as multipart uploads.
 
-Transient failures (connection errors, timeouts, HTTP 5xx, ``SlowDown``) are retried by
+Transient failures (refused or reset connections, timeouts, HTTP 5xx, ``SlowDown``) are retried by
 :class:`RetryPolicy` with exponential backoff; urllib3's own retries are switched off and its
 timeouts kept short so that a dead endpoint fails in seconds, with a message that names the
-endpoint (never the credentials).
+endpoint (never the credentials). Every operation is idempotent, so retrying is safe: a PUT is
+re-sent whole (an object appears only once its complete body arrived: a cut-off PUT publishes
+nothing), and a GET that breaks mid-body is read again from the start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import logging
@@ -88,6 +95,26 @@ class RetryPolicy:
     def delay(self, retry: int) -> float:
         """Seconds to sleep before retry number ``retry`` (1-based)."""
         return min(self.max_delay, self.base_delay * 2 ** (retry - 1))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RetryPolicy:
+        """The defaults, overridden by ``FACEOPS_S3_ATTEMPTS`` / ``_CONNECT_TIMEOUT`` / ``_READ_TIMEOUT``."""
+        env = os.environ if env is None else env
+        fields = {"attempts": ("FACEOPS_S3_ATTEMPTS", int), "connect_timeout": ("FACEOPS_S3_CONNECT_TIMEOUT", float),
+                  "read_timeout": ("FACEOPS_S3_READ_TIMEOUT", float)}
+        values: dict[str, float] = {}
+        for name, (var, kind) in fields.items():
+            text = env.get(var, "").strip()
+            if not text:
+                continue
+            try:
+                values[name] = kind(text)
+            except ValueError:
+                raise StoreError(f"{var}={text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        try:
+            return cls(**values)  # type: ignore[arg-type]
+        except StoreError as exc:
+            raise StoreError(f"{exc} (from FACEOPS_S3_ATTEMPTS / FACEOPS_S3_*_TIMEOUT)") from None
 
 
 @dataclass(frozen=True)
@@ -166,7 +193,9 @@ def make_http_client(policy: RetryPolicy) -> urllib3.PoolManager:
 class S3Store(ObjectStore):
     """Objects under ``s3://bucket/prefix``; the bucket is checked (or created) on first use."""
 
-    _ready_buckets: ClassVar[set[tuple[str, str]]] = set()  # (endpoint, bucket) known to exist
+    #: (endpoint, bucket, credentials digest) checked in this process: a new key is probed again, so
+    #: wrong credentials get the listing's precise error code rather than a HEAD's bare 403
+    _ready_buckets: ClassVar[set[tuple[str, str, str]]] = set()
 
     def __init__(
         self,
@@ -180,7 +209,7 @@ class S3Store(ObjectStore):
         self.bucket, self.prefix = parse_s3_uri(f"s3://{bucket}/{prefix}")
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.settings = settings or S3Settings.from_env()
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or RetryPolicy.from_env()
         self.create_bucket = create_bucket
         self.client = Minio(
             self.settings.endpoint,
@@ -225,11 +254,22 @@ class S3Store(ObjectStore):
         return ObjectInfo(clean_key(key), size, sha256)
 
     def open_read(self, key: str) -> tuple[BinaryIO, str | None]:
+        """The object as a stream (opening is retried; a failure later, mid-body, is a StoreError:
+        :meth:`get_bytes` / :meth:`get_file` retry the whole read instead)."""
+        response = self._call("get", self.url(key), lambda: self._get(key))
+        return cast(BinaryIO, _ObjectBody(response, self.url(key))), response.headers.get(SHA256_HEADER)
+
+    def _open_once(self, key: str) -> tuple[BinaryIO, str | None]:
+        response = self._get(key)
+        return cast(BinaryIO, _ObjectBody(response, self.url(key), raw=True)), response.headers.get(SHA256_HEADER)
+
+    def _attempts(self, action: str, key: str, fn: Callable[[], T]) -> T:
+        return self._call(action, self.url(key), fn)
+
+    def _get(self, key: str) -> urllib3.BaseHTTPResponse:
         name = self._object_name(key)
         self._ensure_bucket()
-        url = self.url(key)
-        response = self._call("get", url, lambda: self.client.get_object(self.bucket, name))
-        return cast(BinaryIO, _ObjectBody(response, url)), response.headers.get(SHA256_HEADER)
+        return self.client.get_object(self.bucket, name)
 
     def exists(self, key: str) -> bool:
         name = self._object_name(key)
@@ -264,7 +304,7 @@ class S3Store(ObjectStore):
     def _ensure_bucket(self) -> None:
         """One listing per (endpoint, bucket) and process: turns a missing bucket or bad credentials
         into a clear error up front (HEAD requests carry no error code to tell them apart)."""
-        ident = (self.settings.endpoint_url, self.bucket)
+        ident = self._bucket_ident()
         if ident in self._ready_buckets:
             return
 
@@ -278,6 +318,10 @@ class S3Store(ObjectStore):
                 raise
             self._call("create bucket", f"s3://{self.bucket}", self._make_bucket)
         self._ready_buckets.add(ident)
+
+    def _bucket_ident(self) -> tuple[str, str, str]:
+        secret = f"{self.settings.access_key}\0{self.settings.secret_key}".encode()
+        return self.settings.endpoint_url, self.bucket, hashlib.sha256(secret).hexdigest()
 
     def _make_bucket(self) -> None:
         try:
@@ -311,7 +355,8 @@ class S3Store(ObjectStore):
         what = f"{action} {target}"
         tries = f" after {attempts} attempt{'s' if attempts > 1 else ''}"
         if _is_network(exc):
-            failure = "did not answer in time" if _is_silence(exc) else "cannot be reached"
+            failure = ("did not answer in time" if _is_silence(exc) else
+                       "dropped the connection" if _is_dropped(exc) else "cannot be reached")
             return StoreError(
                 f"the S3 endpoint {endpoint} {failure} ({_brief(exc)}){tries} while trying to {what}: "
                 "check FACEOPS_S3_ENDPOINT / FACEOPS_S3_SECURE and that the server is running"
@@ -320,7 +365,7 @@ class S3Store(ObjectStore):
         if code in MISSING_KEY_S3_CODES:
             return NotFoundError(f"{target} does not exist (endpoint {endpoint})")
         if code == "NoSuchBucket":
-            self._ready_buckets.discard((endpoint, self.bucket))
+            self._ready_buckets.discard(self._bucket_ident())
             return _MissingBucket(
                 f"bucket {self.bucket!r} does not exist at {endpoint}: create it (e.g. "
                 f"`mc mb <alias>/{self.bucket}`) or open the store with create_bucket=True"
@@ -345,9 +390,10 @@ class _MissingBucket(StoreError):
 class _ObjectBody(io.IOBase):
     """A GET response as a read-only stream that returns its connection to the pool on close."""
 
-    def __init__(self, response: urllib3.BaseHTTPResponse, url: str):
+    def __init__(self, response: urllib3.BaseHTTPResponse, url: str, raw: bool = False):
         self._response = response
         self._url = url
+        self._raw = raw  # let network errors through to a caller that retries the whole read
 
     def readable(self) -> bool:
         return True
@@ -356,6 +402,8 @@ class _ObjectBody(io.IOBase):
         try:
             return self._response.read(None if size is None or size < 0 else size)
         except TRANSIENT_NETWORK_ERRORS as exc:
+            if self._raw:
+                raise
             raise StoreError(f"reading {self._url} failed mid-stream ({_brief(exc)}): try again") from exc
 
     def close(self) -> None:
@@ -367,6 +415,11 @@ class _ObjectBody(io.IOBase):
 
 def _is_network(exc: Exception) -> bool:
     return isinstance(exc, TRANSIENT_NETWORK_ERRORS)
+
+
+def _is_dropped(exc: Exception) -> bool:
+    """The connection was open and then reset or closed mid-request (not refused)."""
+    return isinstance(exc, urllib3.exceptions.ProtocolError | http.client.HTTPException | ConnectionResetError)
 
 
 def _is_silence(exc: Exception) -> bool:
