@@ -143,7 +143,8 @@ def test_repository_layout_configs_and_new_versions(tmp_path):
     assert list(rec.dynamic_batching.preferred_batch_size) == [4, 16]
     assert rec.dynamic_batching.max_queue_delay_microseconds == 500
     assert rec.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and rec.instance_group[0].count == 2
-    assert rec.version_policy.latest.num_versions == 2
+    assert list(rec.version_policy.specific.versions) == [1, 2]
+    assert [s.model_version for s in configs["vlr_face"].ensemble_scheduling.step] == [2, 2]  # pinned
     dsr = configs["dsr"]
     assert list(dsr.input[0].dims) == [3, 32, 32] and (dsr.output[0].name, list(dsr.output[0].dims)) == (
         "output", [3, 112, 112])

@@ -15,14 +15,14 @@ from faceops.export.onnx_export import (
 from faceops.export.triton_repo import (
     ModelConfigError,
     parse_config,
+    publish,
     validate_repository,
     versions,
-    write_model,
 )
 
 __all__ = [
     "CalibData", "ExportConfig", "FusedVLR", "Int8AccuracyError", "Int8Report", "ModelConfigError",
     "ParityError", "ParityReport", "check_parity", "compare", "export_model", "export_modules",
     "export_onnx", "int8_accuracy_change", "parse_config", "quantize_int8", "run_onnx",
-    "validate_repository", "versions", "write_model",
+    "validate_repository", "versions", "publish",
 ]

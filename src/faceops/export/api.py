@@ -36,8 +36,8 @@ from faceops.export.triton_repo import (
     TensorSpec,
     ensemble_config,
     model_config,
+    publish,
     validate_repository,
-    write_model,
 )
 from faceops.storage import open_store
 
@@ -107,8 +107,9 @@ def export_modules(recognizer: nn.Module, repo_uri: str, dsrs: dict[str, nn.Modu
         if trt:
             report["tensorrt"] = _export_trt(pending, report, recognizer, rec_path, int8_path, hr_batch, cfg,
                                              work, emb)
-        for config, model_file, parity in pending:
-            version = write_model(store, config, model_file)
+        plan = publish(store, [(config, model_file) for config, model_file, _ in pending], cfg.num_versions)
+        for config, _, parity in pending:
+            version = plan[config.name]
             report["models"][config.name] = {"version": version, "platform": config.platform,
                                              "uri": store.url(f"{config.name}/{version}"), "parity": parity}
         validate_repository(store)

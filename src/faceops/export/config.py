@@ -23,7 +23,7 @@ class ExportConfig:
     max_queue_delay_us: int = 2000  # how long the dynamic batcher waits to fill a batch
     instance_kind: Literal["KIND_GPU", "KIND_CPU"] = "KIND_GPU"  # instance_group kind on the cluster
     instance_count: int = 1  # model instances per GPU (or CPU instances)
-    num_versions: int = 1  # version_policy latest{num_versions}: how many recent exports Triton serves
+    num_versions: int = 1  # how many recent exports Triton serves (version_policy specific{...})
     int8_calib_images: int = 64  # validation images fed to the INT8 calibrator
     int8_max_accuracy_drop: float = 0.02  # INT8 gate: FP32 verification accuracy minus INT8's, at most
     trt_fp16: bool = True  # build TensorRT engines in FP16

@@ -3,7 +3,10 @@
 Layout: ``<repo>/<model>/config.pbtxt`` + ``<repo>/<model>/<version>/model.onnx`` (or ``model.plan``).
 Configs are built as Triton's own ``ModelConfig`` protobuf (shipped in tritonclient), written as text
 and parsed back before upload, so a config Triton would reject never lands in the repository.
-Each export adds a new version number per model; ``version_policy`` says how many Triton serves.
+Each export adds a new version number per model. Publishing is two-phase (``publish``): every model
+file goes into its new version folder first, where Triton ignores it (configs name the versions
+they serve: ``version_policy: specific``); only then are the configs switched, leaf models before
+the ensembles that pin them. An export that fails half-way leaves Triton serving what it served.
 """
 
 from __future__ import annotations
@@ -107,22 +110,45 @@ def next_version(store: ObjectStore, model: str) -> int:
     return (versions(store, model) or [0])[-1] + 1
 
 
-def write_model(store: ObjectStore, config: mc.ModelConfig, model_file: str | Path | None,
-                version: int | None = None) -> int:
-    """Upload ``model_file`` as a new version of ``config.name`` and (re)write its config.pbtxt."""
-    name = config.name
-    text = to_text(config)
-    parse_config(text, f"{store.url(name)}/{CONFIG}")
-    version = version or next_version(store, name)
-    if config.platform == "ensemble":
-        store.put_bytes(f"{name}/{version}/{ENSEMBLE_MARKER}", b"ensemble: no model file\n")
-    else:
-        if model_file is None:
-            raise FaceopsError(f"model {name} ({config.platform}) needs a model file")
-        store.put_file(f"{name}/{version}/{MODEL_FILES[config.platform]}", model_file)
-    store.put_bytes(f"{name}/{CONFIG}", text.encode())
-    log.info("Triton repository: %s version %d (%s)", store.url(name), version, config.platform)
-    return version
+def publish(store: ObjectStore, models: list[tuple[mc.ModelConfig, str | Path | None]],
+            keep: int = 1) -> dict[str, int]:
+    """Publish ``models`` as new versions, all or none; returns each model's new version.
+
+    Phase 1 uploads every file into its (inert) new version folder and removes them again if one
+    upload fails. Phase 2 rewrites the configs to serve the last ``keep`` versions, leaf models
+    first and then the ensembles, each ensemble step pinned to the version written with it.
+    """
+    plan = {config.name: next_version(store, config.name) for config, _ in models}
+    written: list[str] = []
+    try:
+        for config, model_file in models:
+            name, version = config.name, plan[config.name]
+            parse_config(to_text(config), f"{store.url(name)}/{CONFIG}")
+            if config.platform == "ensemble":
+                key = f"{name}/{version}/{ENSEMBLE_MARKER}"
+                store.put_bytes(key, b"ensemble: no model file\n")
+            else:
+                if model_file is None:
+                    raise FaceopsError(f"model {name} ({config.platform}) needs a model file")
+                key = f"{name}/{version}/{MODEL_FILES[config.platform]}"
+                store.put_file(key, model_file)
+            written.append(key)
+    except BaseException:
+        for key in written:  # inert anyway; tidy up while the store still answers
+            try:
+                store.delete(key)
+            except FaceopsError:
+                break
+        raise
+    for config, _ in sorted(models, key=lambda m: m[0].platform == "ensemble"):
+        name, version = config.name, plan[config.name]
+        config.version_policy.ClearField("latest")
+        config.version_policy.specific.versions[:] = [v for v in versions(store, name) if v <= version][-keep:]
+        for step in config.ensemble_scheduling.step:
+            step.model_version = plan.get(step.model_name, step.model_version)
+        store.put_bytes(f"{name}/{CONFIG}", to_text(config).encode())
+        log.info("Triton repository: %s version %d (%s)", store.url(name), version, config.platform)
+    return plan
 
 
 def validate_repository(store: ObjectStore) -> dict[str, mc.ModelConfig]:
