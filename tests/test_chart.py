@@ -417,3 +417,16 @@ def test_every_optional_feature_switches_off(chart):
     assert sorted(d["kind"] for d in docs) == ["Deployment", "Secret", "Service", "ServiceAccount"]
     for doc in docs:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_triton_keeps_serving_when_one_model_fails_and_readiness_can_follow_a_model(chart):
+    """As the local server does (serve/local.py): --exit-on-error=false --strict-readiness=false."""
+    def triton(values: dict) -> dict:
+        return only(render(chart, values), "Deployment", "triton")["spec"]["template"]["spec"]["containers"][0]
+
+    c = triton({})
+    assert {"--exit-on-error=false", "--strict-readiness=false"} <= set(c["args"])
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    c = triton({"triton": {"probes": {"readiness": {"model": "recognizer"}}}})
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/models/recognizer/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
