@@ -106,3 +106,13 @@ def test_real_devtrain_pairs_all_resolve() -> None:
     assert len(r.index) == 2200 and r.skipped_pairs == 0 and not r.missing
     assert all(p.is_file() for p in r.images)
     assert len(r.images) == len(set(r.images))
+
+
+def test_a_pairs_name_cannot_escape_the_image_folder(tmp_path):
+    from faceops.evaluate.pairs import PairsError, image_path
+
+    (tmp_path / "images").mkdir()
+    for name in ("..", "../secret", "a/b", ""):
+        with pytest.raises(PairsError, match="escape"):
+            image_path(tmp_path / "images", name, 1)
+    assert image_path(tmp_path / "images", "Aaron_Peirsol", 2).name == "Aaron_Peirsol_0002.jpg"

@@ -15,8 +15,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
-
 from faceops import config
 from faceops.errors import FaceopsError
 from faceops.storage import open_store, split_uri
@@ -26,11 +24,9 @@ log = logging.getLogger(__name__)
 SYNTH_PREFIX = "synth://"
 
 
-def section(config_yaml: str, name: str) -> dict:
-    data = yaml.safe_load(config_yaml or "") or {}
-    if not isinstance(data, dict):
-        raise config.ConfigError("<pipeline config>: the top level must be a mapping of sections")
-    return data.get(name) or {}
+def section(cls: type, config_yaml: str, name: str):
+    """One typed section of the run's config, through the one loader (every section is checked)."""
+    return config.load(cls, text=config_yaml or "", section=name, source="<pipeline config>")
 
 
 @contextmanager
@@ -57,13 +53,13 @@ def stage_log(log_dir: str | None, stage: str):
         handler.close()
 
 
-def _synth_source(source: str, cfg: dict, tmp: str) -> str:
-    """``synth://`` -> synthetic faces (counts and seed from the config's ``synth`` section)."""
-    from faceops.data.synth import synthesize
+def _synth_source(config_yaml: str, tmp: str) -> str:
+    """``synth://`` -> synthetic faces (the config's ``synth`` section)."""
+    from faceops.data.synth import SynthConfig, synthesize
 
-    ids = int(cfg.get("identities", 40))
-    per = int(cfg.get("images_per_identity", 12))
-    return str(synthesize(Path(tmp) / "synth", ids, per, int(cfg.get("seed", 0)), progress=False))
+    cfg = section(SynthConfig, config_yaml, "synth")
+    return str(synthesize(Path(tmp) / "synth", cfg.identities, cfg.images_per_identity, cfg.seed, cfg.size,
+                          progress=False))
 
 
 def ingest_stage(source: str, name: str, store_uri: str, config_yaml: str = "", pairs_file: str = "",
@@ -71,9 +67,9 @@ def ingest_stage(source: str, name: str, store_uri: str, config_yaml: str = "", 
     from faceops.data.ingest import IngestConfig, format_summary, ingest
 
     with stage_log(log_dir, "ingest"), tempfile.TemporaryDirectory(prefix="faceops-src-") as tmp:
-        cfg = config.from_dict(IngestConfig, section(config_yaml, "ingest"), "<pipeline config>: ingest")
+        cfg = section(IngestConfig, config_yaml, "ingest")
         if source.startswith(SYNTH_PREFIX):
-            source = _synth_source(source, section(config_yaml, "synth"), tmp)
+            source = _synth_source(config_yaml, tmp)
         result = ingest(source, name, store_uri, cfg, pairs_file=pairs_file or None)
         log.info("ingest summary:\n%s", format_summary(result))
         print(format_summary(result), flush=True)
@@ -114,7 +110,7 @@ def evaluate_stage(model_uri: str, dataset_uri: str, out_uri: str, config_yaml: 
     from faceops.metrics import run_id_for
 
     with stage_log(log_dir, "evaluate"):
-        cfg = config.from_dict(EvalConfig, section(config_yaml, "evaluate"), "<pipeline config>: evaluate")
+        cfg = section(EvalConfig, config_yaml, "evaluate")
         remote = "://" in out_uri and not out_uri.startswith("file://")
         out_dir = tempfile.mkdtemp(prefix="faceops-eval-") if remote else out_uri.removeprefix("file://")
         result = evaluate(model_uri, out_dir, data=dataset_uri, dsr=dsr_uris or (),
@@ -133,7 +129,7 @@ def export_stage(model_uri: str, repo_uri: str, config_yaml: str = "", dsr_uris:
     from faceops.export.config import ExportConfig
 
     with stage_log(log_dir, "export"):
-        cfg = config.from_dict(ExportConfig, section(config_yaml, "export"), "<pipeline config>: export")
+        cfg = section(ExportConfig, config_yaml, "export")
         return export_model(model_uri, repo_uri, int8=int8, trt=trt, dsr_uri=dsr_uris or None,
                             calib_dataset=dataset_uri or None, cfg=cfg)
 

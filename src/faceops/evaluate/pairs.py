@@ -53,6 +53,11 @@ class ResolvedPairs:
 
 
 def image_path(root: str | Path, name: str, num: int) -> Path:
+    """``root/<name>/<name>_NNNN.jpg``; a name that is not a bare folder name (``..``, a path) is refused,
+    so a pairs file cannot make evaluation read outside its image folder."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise PairsError(f"pairs name {name!r} is not an identity folder name of {root} (a path or '..' would "
+                         "escape it): use bare identity names as in LFW's pairs.txt")
     return Path(root) / name / f"{name}_{num:04d}.jpg"
 
 

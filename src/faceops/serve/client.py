@@ -164,12 +164,19 @@ class FaceClient:
     def ready(self) -> bool:
         return bool(self._call("server ready", None, lambda: self._client().is_server_ready()))
 
-    def model_input_shape(self, model: str) -> list[int]:
-        """Input shape of ``model`` from the server's metadata (batch dim as -1)."""
-        meta = self._call(f"metadata of {model}", model,
+    def model_metadata(self, model: str) -> dict:
+        """The server's metadata of ``model`` (inputs/outputs with names, dtypes and shapes)."""
+        return self._call(f"metadata of {model}", model,
                           lambda: self._client().get_model_metadata(model, as_json=True)
                           if self.protocol == "grpc" else self._client().get_model_metadata(model))
-        return [int(d) for d in meta["inputs"][0]["shape"]]
+
+    def model_input_shape(self, model: str) -> list[int]:
+        """Input shape of ``model`` from the server's metadata (batch dim as -1)."""
+        return [int(d) for d in self.model_metadata(model)["inputs"][0]["shape"]]
+
+    def embedding_dim(self) -> int:
+        """Width D of the recognizer's embedding, from the server's metadata."""
+        return int(self.model_metadata(self.recognizer)["outputs"][0]["shape"][-1])
 
     # -- faces --------------------------------------------------------------------------------
     def vlr_size(self) -> tuple[int, int]:
@@ -180,14 +187,14 @@ class FaceClient:
         return self._vlr_size
 
     def embed(self, images: Sequence[ImageLike] | np.ndarray, vlr: bool | None = None) -> np.ndarray:
-        """L2-normalised float32 [N, 512] embeddings of ``images`` (paths, PIL images, uint8 arrays).
+        """L2-normalised float32 [N, D] embeddings of ``images`` (paths, PIL images, uint8 arrays).
 
         ``vlr``: None routes each image by size; True sends every image through ``vlr_face``
         (degrading HR faces like ingest); False sends every image to the recognizer.
         """
         items = list(images)  # a uint8 NHWC array iterates as HWC faces
         if not items:
-            return np.zeros((0, 512), np.float32)
+            return np.zeros((0, self.embedding_dim()), np.float32)
         hr_idx, hr_faces, vlr_idx, vlr_faces = [], [], [], []
         for i, item in enumerate(items):
             face, is_vlr = self._prepare(item, vlr)
