@@ -25,7 +25,7 @@ import torch
 
 from faceops.export import ExportConfig, export_modules
 from faceops.export.onnx_export import ort_session
-from faceops.export.triton_repo import parse_config, write_model
+from faceops.export.triton_repo import parse_config, publish
 from faceops.models import RecognizerConfig, create_recognizer
 from faceops.serve import FaceClient, LocalTriton
 from faceops.storage import open_store
@@ -82,7 +82,7 @@ def build_repo(repo: Path, model: torch.nn.Module, cfg: ExportConfig) -> None:
     config = parse_config(store.get_bytes("recognizer/config.pbtxt").decode())
     config.name = "recognizer_nobatch"
     config.ClearField("dynamic_batching")
-    write_model(store, config, repo / "recognizer" / "1" / "model.onnx")
+    publish(store, [(config, repo / "recognizer" / "1" / "model.onnx")])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,3 +108,9 @@ def test_accuracy_config_and_curve():
     assert cfg.prepare.center_crop == 128
     history = [{"seconds": 60.0, "val_accuracy": 0.6}, {"seconds": 30.0, "val_accuracy": 0.7}]
     assert acc_bench.curve(history) == [[1.0, 0.6], [1.5, 0.7]]
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in (REPO / "bench").glob("*.py") if p.stem != "__init__"))
+def test_every_benchmark_imports(module):
+    """A benchmark that no longer imports (a renamed API) fails here, not on the day it is run."""
+    assert hasattr(_import_from_checkout(f"bench.{module}"), "__doc__")
