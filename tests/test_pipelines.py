@@ -159,3 +159,44 @@ def test_sigkilled_faceops_run_resumes_to_the_same_weights(tmp_path):
     assert a["step"] == b["step"] == 8
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after a resume from step {killed_at}"
+
+
+@pytest.mark.parametrize("name", sorted(GPU_TASKS))
+def test_params_take_the_pipelines_own_input_types(name):
+    """KFP refuses the text "4" for an Integer input: --param values are converted by the pipeline's types."""
+    from faceops.config import ConfigError
+    from faceops.run import pipeline_module, typed_params
+
+    pipeline = pipeline_module(name).build()
+    got = typed_params(pipeline, {"gpus_per_node": "4", "nodes": "2", "source": "s3://faces/lfw"})
+    assert got == {"gpus_per_node": 4, "nodes": 2, "source": "s3://faces/lfw"}
+    with pytest.raises(ConfigError, match=r"gpus_per_node=four: gpus_per_node is integer"):
+        typed_params(pipeline, {"gpus_per_node": "four"})
+    with pytest.raises(ConfigError, match=r"no parameter 'gpu_per_node'"):
+        typed_params(pipeline, {"gpu_per_node": "4"})
+    if "int8" in pipeline.component_spec.inputs:
+        assert typed_params(pipeline, {"int8": "true"}) == {"int8": True}
+        with pytest.raises(ConfigError, match="int8 is boolean"):
+            typed_params(pipeline, {"int8": "maybe"})
+
+
+def test_submit_sends_typed_arguments(monkeypatch):
+    """The arguments kfp.Client receives, as the README's submit command gives them."""
+    import kfp
+
+    from faceops.run import submit
+
+    sent = {}
+
+    class FakeClient:  # stands in for the KFP API server: records what a submit would send
+        def __init__(self, **kw):
+            pass
+
+        def create_run_from_pipeline_func(self, pipeline, arguments, **kw):
+            sent.update(arguments)
+            return type("R", (), {"run_id": "r1"})()
+
+    monkeypatch.setattr(kfp, "Client", FakeClient)
+    submit("vlr_face", "http://kfp.invalid", params={"gpus_per_node": "4", "source": "s3://faces/lfw"},
+           cluster_file=str(GPU_CLUSTER))
+    assert sent["gpus_per_node"] == 4 and isinstance(sent["gpus_per_node"], int)

@@ -37,6 +37,35 @@ def pipeline_module(name: str):
     return importlib.import_module(PIPELINES[name])
 
 
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def typed_params(pipeline, params: dict[str, str], what: str = "--param") -> dict:
+    """``KEY=VALUE`` strings -> values of the pipeline's own input types (KFP refuses the text "4"
+    for an Integer input); an unknown name or a value of the wrong type is an error naming it."""
+    inputs = pipeline.component_spec.inputs or {}
+    out: dict = {}
+    for key, text in params.items():
+        if key not in inputs:
+            raise config.ConfigError(f"{what} {key}={text}: the pipeline has no parameter {key!r} "
+                                     f"(parameters: {', '.join(sorted(inputs))})")
+        kind = inputs[key].type
+        try:
+            if kind == "Integer":
+                out[key] = int(text)
+            elif kind == "Double":
+                out[key] = float(text)
+            elif kind == "Boolean":
+                if text.lower() not in _TRUE | _FALSE:
+                    raise ValueError
+                out[key] = text.lower() in _TRUE
+            else:
+                out[key] = text
+        except ValueError:
+            raise config.ConfigError(f"{what} {key}={text}: {key} is {kind.lower()}, {text!r} is not") from None
+    return out
+
+
 def config_yaml(name: str, config_file: str | None, overrides: list[str] | None = None,
                 default: str | None = None) -> str:
     """The run's config as YAML text: a file (or the packaged default) plus ``--set`` overrides, every
@@ -73,8 +102,9 @@ def run_local(name: str, *, config_file: str | None = None, overrides: list[str]
     """Run pipeline ``name`` end to end on this machine (kfp.local, local folder store)."""
     from kfp import local
 
-    module = pipeline_module(name)
     text = config_yaml(name, config_file, overrides)  # checked before anything is written
+    pipeline = pipeline_module(name).build(ClusterConfig(retries=0))  # locally a failure is reported at once
+    typed = typed_params(pipeline, params or {})
     if data and not data.startswith("s3://") and not Path(data).is_dir():
         raise FaceopsError(f"--data {data}: not a folder of <identity>/<image> files")
     out_dir = Path(out or f"faceops-runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
@@ -83,10 +113,9 @@ def run_local(name: str, *, config_file: str | None = None, overrides: list[str]
     args = {"config_yaml": text, "source": data or "synth://",
             "dataset_name": Path(data).name if data else "synthetic", "store_uri": str(out_dir / "store"),
             "run_id": "run", "pairs_file": str(Path(pairs).resolve()) if pairs else "",
-            "gpus_per_node": 0, "nodes": 1, "log_dir": str(out_dir / "logs"), **(params or {})}
+            "gpus_per_node": 0, "nodes": 1, "log_dir": str(out_dir / "logs"), **typed}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "kfp"),
                raise_on_error=True)
-    pipeline = module.build(ClusterConfig(retries=0))  # locally a failure is reported at once
     print(f"faceops run {name}: output in {out_dir}", flush=True)
     t0 = time.time()
     try:
@@ -134,8 +163,9 @@ def submit(name: str, host: str, *, namespace: str | None = None, experiment: st
     cluster = config.load(ClusterConfig, cluster_file, section="cluster")
     client = Client(host=host, namespace=namespace, existing_token=token or os.environ.get("KF_PIPELINES_TOKEN"))
     run_name = run_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    arguments = {"run_id": run_name, **(params or {})}
+    pipeline = pipeline_module(name).build(cluster)
+    arguments = {"run_id": run_name, **typed_params(pipeline, params or {})}
     result = client.create_run_from_pipeline_func(
-        pipeline_module(name).build(cluster), arguments=arguments, run_name=run_name,
+        pipeline, arguments=arguments, run_name=run_name,
         experiment_name=experiment, namespace=namespace)
     return result.run_id
