@@ -25,11 +25,21 @@ from faceops.models import (
 from faceops.models.dsr import shuffle_steps
 from faceops.models.edgeface import low_rank
 
-PUBLISHED_PARAMS = {  # EdgeFace paper, Table 1 (millions, 512-d head)
+PUBLISHED_PARAMS = {  # EdgeFace paper, Table 1, and otroshi/edgeface README (millions, 512-d head)
     "edgeface_xxs": 1.24,
     "edgeface_xs_gamma_06": 1.77,
     "edgeface_s_gamma_05": 3.65,
     "edgeface_base": 18.23,
+}
+# Exact sizes of the official models. xs_gamma_06: issue 11's measurement of the official model. All
+# four: the official construction (otroshi/edgeface backbones/timmfr.py: timm EdgeNeXt, classifier reset
+# to 512, for gamma variants every nn.Linear whose name lacks "head" -- the head's fc included --
+# replaced by LoRaLin(rank = max(2, int(min(in, out) * gamma)))) built with the locked timm 1.0.31.
+OFFICIAL_PARAMS = {
+    "edgeface_xxs": 1_244_744,
+    "edgeface_xs_gamma_06": 1_770_492,
+    "edgeface_s_gamma_05": 3_652_520,
+    "edgeface_base": 18_225_812,
 }
 
 
@@ -70,30 +80,33 @@ def test_every_backbone_embeds_trains_and_exposes_stages(name):
     torch.testing.assert_close(early[1], stages[1])
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
-def test_edgeface_parameter_counts_match_the_paper(name):
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
+def test_edgeface_parameter_counts_equal_the_official_models(name):
     model = create_recognizer(RecognizerConfig(name=name, head="linear"))  # the official head
-    millions = count_parameters(model) / 1e6
-    assert abs(millions - PUBLISHED_PARAMS[name]) / PUBLISHED_PARAMS[name] < 0.03, millions
+    assert count_parameters(model) == OFFICIAL_PARAMS[name]
+    assert round(OFFICIAL_PARAMS[name] / 1e6, 2) == PUBLISHED_PARAMS[name]
 
 
-def test_gamma_variants_are_low_rank_everywhere_but_the_head():
-    model = create_recognizer(RecognizerConfig(name="edgeface_xs", head="linear"))
-    dense = [n for n, m in model.backbone.named_modules() if type(m) is nn.Linear
-             and not n.endswith(("linear1", "linear2"))]
+@pytest.mark.parametrize("head", ["linear", "linear_bn", "two_layer"])
+def test_gamma_variants_are_low_rank_everywhere_the_head_included(head):
+    model = create_recognizer(RecognizerConfig(name="edgeface_xs", head=head))
+    dense = [n for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith(("linear1", "linear2"))]
     assert dense == []
-    pairs = [m for m in model.backbone.modules() if isinstance(m, LowRankLinear)]
+    pairs = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     assert pairs
     for pair in pairs:
         assert pair.rank == max(2, int(min(pair.in_features, pair.out_features) * 0.6))
         assert pair.linear1.bias is None and pair.linear1.out_features == pair.rank
-    assert type(model.embedding.fc) is nn.Linear
+    fc = model.embedding.fc  # official head.fc: LoRaLin(192 -> 115 -> 512)
+    assert isinstance(fc, LowRankLinear) and (fc.in_features, fc.rank, fc.out_features) == (192, 115, 512)
     assert low_rank(100, 400, 0.6) == 60 and low_rank(3, 3, 0.5) == 2
 
 
-def test_plain_variants_keep_dense_linears():
-    model = create_recognizer(RecognizerConfig(name="edgeface_xxs"))
+@pytest.mark.parametrize("name", ["edgeface_xxs", "iresnet34", "resnet34"])
+def test_other_backbones_keep_dense_linears(name):
+    model = create_recognizer(RecognizerConfig(name=name))
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert type(model.embedding.fc) is nn.Linear
 
 
 def test_param_groups_split_all_parameters_once():
@@ -121,7 +134,7 @@ def test_linear_bn_head_is_the_default():
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ConfigError, match="edgeface_xxs") as err:
         from_dict(RecognizerConfig, {"name": "edgeface_tiny"}, "cfg.yaml")
-    assert "cfg.yaml" in str(err.value) and "resnet34" in str(err.value)
+    assert "cfg.yaml" in str(err.value) and "resnet34" in str(err.value) and "iresnet100" in str(err.value)
     with pytest.raises(ConfigError, match="two_layer"):
         RecognizerConfig(name="resnet34", head="mlp")
     with pytest.raises(ConfigError, match="resnet34"):

@@ -8,13 +8,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from faceops.models import (
     PretrainedLoadError,
     RecognizerConfig,
     create_recognizer,
     load_pretrained,
-    replace_linear_with_low_rank,
 )
 
 SEED_004_MISSING = [  # the four keys seed 004's EdgeFace-XXS file lacked
@@ -80,17 +80,49 @@ def test_torchscript_file(tmp_path):
     same_outputs(src, dst)
 
 
-def test_official_edgeface_layout_with_low_rank_head(tmp_path):
-    """Official EdgeFace: timm model as ``model.*``, classifier reset to 512, every Linear (head
-    included) factorised. The factorised head folds exactly into our dense one."""
-    official = timm.create_model("edgenext_x_small", pretrained=False)
-    official.reset_classifier(512)
-    replace_linear_with_low_rank(official, 0.6)
-    official.eval()
-    torch.save({"model." + k: v for k, v in official.state_dict().items()}, tmp_path / "edgeface_xs.pt")
+class LoRaLin(nn.Module):
+    """The official EdgeFace low-rank pair, as otroshi/edgeface ``backbones/timmfr.py`` defines it."""
 
-    ours = create_recognizer(RecognizerConfig(name="edgeface_xs_gamma_06", head="linear")).eval()
-    assert load_pretrained(ours, tmp_path / "edgeface_xs.pt").ok
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(in_features, rank, bias=False)
+        self.linear2 = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.linear1(x))
+
+
+def official_low_rank(module: nn.Module, ratio: float) -> None:
+    """The official rule (``replace_linear_with_lowrank_recursive_2``): every nn.Linear child whose
+    name lacks "head" becomes a LoRaLin; anything else is searched recursively, so the Linear
+    ``fc`` inside timm's ``head`` is factorised too."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear) and "head" not in name:
+            rank = max(2, int(min(child.in_features, child.out_features) * ratio))
+            setattr(module, name, LoRaLin(child.in_features, child.out_features, rank, child.bias is not None))
+        else:
+            official_low_rank(child, ratio)
+
+
+@pytest.mark.parametrize(("name", "timm_name", "gamma", "rank"), [
+    ("edgeface_xs_gamma_06", "edgenext_x_small", 0.6, 115),  # head.fc: 192 -> 115 -> 512
+    ("edgeface_s_gamma_05", "edgenext_small", 0.5, 152),  # head.fc: 304 -> 152 -> 512
+])
+def test_official_edgeface_gamma_checkpoint_loads_strictly(tmp_path, name, timm_name, gamma, rank):
+    """An official-layout file (TimmFRWrapperV2: the timm model as ``model.*``, classifier reset to 512,
+    every Linear factorised) loads strictly, tensor for tensor, and computes the same embedding."""
+    official = timm.create_model(timm_name, pretrained=False)
+    official.reset_classifier(512)
+    official_low_rank(official, gamma)
+    official.eval()
+    state = {"model." + k: v for k, v in official.state_dict().items()}
+    assert state["model.head.fc.linear1.weight"].shape == (rank, official.num_features)
+    assert state["model.head.fc.linear2.weight"].shape == (512, rank) and "model.head.fc.weight" not in state
+    torch.save(state, tmp_path / f"{name}.pt")
+
+    ours = create_recognizer(RecognizerConfig(name=name, head="linear")).eval()
+    report = load_pretrained(ours, tmp_path / f"{name}.pt")
+    assert report.ok and len(report.loaded) == len(state) == len(ours.state_dict())
     x = torch.rand(2, 3, 112, 112) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(ours(x), F.normalize(official(x), dim=1), atol=1e-5, rtol=1e-4)

@@ -2,16 +2,17 @@
 
 Paper: A. George, C. Ecabert, H. O. Shahreza, K. Kotwal, S. Marcel, "EdgeFace: Efficient Face
 Recognition Model for Edge Devices", IEEE T-BIOM 2024 (arXiv:2307.01838). Design as in the official
-code (github.com/otroshi/edgeface, Idiap): timm's EdgeNeXt (Maaz et al. 2022, timm Apache-2.0) with
-the classifier replaced by a 512-d embedding and, for the ``gamma`` variants, every Linear of the
-network replaced by a low-rank pair ``Linear(in->r, no bias) + Linear(r->out)`` with
-``r = max(2, int(min(in, out) * gamma))``. Reimplemented here (no code copied); weights start random
-or come from a user's file via :func:`~faceops.models.pretrained.load_pretrained`.
+code (github.com/otroshi/edgeface, Idiap, ``backbones/timmfr.py``): timm's EdgeNeXt (Maaz et al. 2022,
+timm Apache-2.0) with the classifier reset to a 512-d embedding and, for the ``gamma`` variants, every
+Linear of the network replaced by a low-rank pair ``Linear(in->r, no bias) + Linear(r->out)`` with
+``r = max(2, int(min(in, out) * gamma))`` -- the embedding Linear (timm's ``head.fc``) included, which
+:meth:`EdgeFaceTrunk.adapt_head` applies to our embedding head. Reimplemented here (no code copied);
+weights start random or come from a user's file via :func:`~faceops.models.pretrained.load_pretrained`,
+official checkpoints as they are.
 
-Published sizes (512-d head): xxs 1.24M, xs_gamma_06 1.77M, s_gamma_05 3.65M, base 18.23M parameters.
-Our embedding head stays dense, so the gamma variants are ~1-2% smaller than published (the official
-code also factorises the head); :meth:`EdgeFaceTrunk.remap_state_dict` folds such a factorised head
-back into the dense one exactly (W = W2 @ W1).
+Sizes with the official ``linear`` head (512-d), equal to the official models': xxs 1,244,744,
+xs_gamma_06 1,770,492, s_gamma_05 3,652,520, base 18,225,812 parameters (published: 1.24M, 1.77M,
+3.65M, 18.23M).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from faceops.config import ConfigError
 from faceops.models.recognizer import BACKBONES, RecognizerConfig, StagedTrunk, register_backbone
 
 TIMM_PARTS = ("stem.", "stages.", "norm_pre.", "head.")  # top-level names of a timm EdgeNeXt state dict
-LOW_RANK_HEAD = ("embedding.fc.linear1.weight", "embedding.fc.linear2.weight", "embedding.fc.linear2.bias")
 
 
 class LowRankLinear(nn.Module):
@@ -82,12 +82,19 @@ class EdgeFaceTrunk(StagedTrunk):
         self.stem, self.stages, self.norm_pre, self.head = net.stem, net.stages, net.norm_pre, net.head
         self.feature_dim = net.num_features
 
+    def adapt_head(self, head: nn.Module) -> None:
+        """Gamma variants: the embedding head's Linears become low-rank too, as the official model's
+        ``head.fc`` is, so official checkpoints load without a remap of the head's shapes."""
+        if self.gamma is not None:
+            replace_linear_with_low_rank(head, self.gamma)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm_pre(self.stages(self.stem(x))))
 
     @staticmethod
     def remap_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Official EdgeFace (``model.*``) or bare timm keys -> ``backbone.*`` / ``embedding.fc.*``.
+        """Official EdgeFace (``model.*``) or bare timm keys -> ``backbone.*`` / ``embedding.fc.*``
+        (``head.fc.linear1/2`` of a gamma variant -> ``embedding.fc.linear1/2``).
 
         Keys already in recognizer form, and keys it does not recognise, pass through unchanged (the
         load report then lists the latter as unexpected)."""
@@ -102,11 +109,6 @@ class EdgeFaceTrunk(StagedTrunk):
                 out["backbone." + name] = value
             else:
                 out[key] = value
-        if all(k in out for k in LOW_RANK_HEAD[:2]):
-            w1, w2 = out.pop(LOW_RANK_HEAD[0]), out.pop(LOW_RANK_HEAD[1])
-            out["embedding.fc.weight"] = w2 @ w1
-            if LOW_RANK_HEAD[2] in out:
-                out["embedding.fc.bias"] = out.pop(LOW_RANK_HEAD[2])
         return out
 
 

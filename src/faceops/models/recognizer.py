@@ -11,7 +11,9 @@ architecture:
   head 10-100x faster than the backbone).
 
 Backbones register with ``@register_backbone`` and are built from a :class:`RecognizerConfig` by
-:func:`create_recognizer`.
+:func:`create_recognizer`. A backbone family whose reference models shape the embedding head too
+(EdgeFace's gamma variants factorise its Linear, insightface's IResNet fixes its BatchNorm scale) says
+so in an ``adapt_head(head)`` method, so published weights load as they are.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from faceops.config import check
+from faceops.config import ConfigError, check
 from faceops.models.heads import EMBEDDING_HEADS, create_embedding_head
 from faceops.models.registry import Registry
 
@@ -35,7 +37,7 @@ INPUT_SIZE = 112  # the HR face size every recognizer takes (serving contract: [
 class RecognizerConfig:
     """Which recognizer to build; every field is a recipe knob."""
 
-    name: str = "edgeface_xs_gamma_06"  # registered backbone (BACKBONES.names()): edgeface_*, resnet34
+    name: str = "edgeface_xs_gamma_06"  # registered backbone (BACKBONES.names()): edgeface_*, iresnet*, resnet34
     embedding_dim: int = 512  # output embedding size (serving contract: 512)
     head: str = "linear_bn"  # embedding head: linear (official EdgeFace), linear_bn, two_layer (seed 000)
     dropout: float = 0.0  # dropout before the head's first Linear (two_layer halves it for its second)
@@ -61,6 +63,9 @@ class Trunk(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...  # [N,3,112,112] -> [N, feature_dim]
 
     def forward_stages(self, x: torch.Tensor, num_stages: int | None = None) -> list[torch.Tensor]: ...
+
+    # optional: adapt_head(head: nn.Module) -> None, changes the new embedding head in place
+    # optional: remap_state_dict(state_dict) -> state_dict, third-party checkpoint names -> ours
 
 
 class StagedTrunk(nn.Module):
@@ -121,7 +126,17 @@ def create_recognizer(cfg: RecognizerConfig | None = None) -> Recognizer:
     cfg = cfg or RecognizerConfig()
     backbone = BACKBONES.get(cfg.name)(cfg)
     head = create_embedding_head(cfg.head, backbone.feature_dim, cfg.embedding_dim, cfg.dropout)
+    adapt_head = getattr(backbone, "adapt_head", None)
+    if adapt_head is not None:
+        adapt_head(head)
     return Recognizer(backbone, head, cfg.embedding_dim, name=cfg.name)
+
+
+def reject_timm_options(cfg: RecognizerConfig) -> None:
+    """For backbones that are not timm models: a timm-only knob set in a config is a mistake, not a no-op."""
+    if cfg.drop_path_rate or cfg.timm_kwargs:
+        raise ConfigError(f"recognizer.drop_path_rate / recognizer.timm_kwargs apply to EdgeFace backbones "
+                          f"only; remove them for {cfg.name}")
 
 
 def count_parameters(model: nn.Module) -> int:

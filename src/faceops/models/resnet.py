@@ -5,6 +5,9 @@ blocks from torchvision (BSD-3-Clause). The seed recipe (seed 002: BasicBlocks [
 feature, Linear embedding, L2 norm, ArcFace s=30 m=0.35) with the insightface iresnet stem for small
 faces: a 3x3 stride-1 conv and no max-pool, the first stage then strides by 2, so stages run at
 56/28/14/7 px (the ImageNet 7x7/2 conv + max-pool would leave 3x3 px at the last stage).
+
+This is the seed's own network, kept selectable for comparison; the face ResNet proper (pre-activation
+IR blocks, PReLU, FC on the 7x7 map) is insightface's IResNet in :mod:`faceops.models.iresnet`.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from faceops.config import ConfigError
-from faceops.models.recognizer import RecognizerConfig, StagedTrunk, register_backbone
+from faceops.models.recognizer import RecognizerConfig, StagedTrunk, register_backbone, reject_timm_options
 
 STEM_CHANNELS = 64
 
@@ -64,7 +66,5 @@ class ResNetTrunk(StagedTrunk):
 
 @register_backbone
 def resnet34(cfg: RecognizerConfig) -> ResNetTrunk:
-    if cfg.drop_path_rate or cfg.timm_kwargs:
-        raise ConfigError("recognizer.drop_path_rate / recognizer.timm_kwargs apply to EdgeFace "
-                          "backbones only; remove them for resnet34")
+    reject_timm_options(cfg)
     return ResNetTrunk((3, 4, 6, 3))
