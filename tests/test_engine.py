@@ -284,3 +284,16 @@ def test_a_follow_up_phase_continues_with_the_trained_margin_head(tiny_dataset, 
     phase = load_checkpoint(str(tmp_path / "phase1" / "last.pt"))
     for k, v in first["head"].items():  # an LR of 1e-12: the phase ends where it started
         torch.testing.assert_close(phase["head"][k], v, msg=f"head.{k} was re-initialised for the phase")
+
+
+def test_a_checkpoint_that_no_longer_fits_its_architecture_is_a_clear_error(tmp_path):
+    from faceops.models import RecognizerConfig, create_recognizer
+    from faceops.train.checkpoint import CheckpointError, load_model, save_checkpoint
+
+    model = create_recognizer(RecognizerConfig(name="edgeface_xxs"))
+    weights = model.state_dict()
+    weights["extra.weight"] = torch.zeros(1)  # as an older layout's key would be
+    save_checkpoint(str(tmp_path / "old.pt"), {"kind": "recognizer", "model": weights,
+                                               "model_config": {"name": "edgeface_xxs"}})
+    with pytest.raises(CheckpointError, match=r"old\.pt: its weights do not fit the edgeface_xxs .*older faceops"):
+        load_model(str(tmp_path / "old.pt"))

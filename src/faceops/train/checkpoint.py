@@ -153,7 +153,13 @@ def load_model(uri: str, prefer_ema: bool = True) -> tuple[nn.Module, dict]:
     ckpt = load_checkpoint(uri)
     model = build_model(ckpt["kind"], ckpt["model_config"])
     weights = ckpt.get("ema") if prefer_ema and ckpt.get("ema") else ckpt["model"]
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:  # e.g. an EdgeFace gamma checkpoint from before heads were factorised
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise CheckpointError(f"{uri}: its weights do not fit the {ckpt['model_config'].get('name', ckpt['kind'])} "
+                              f"that this faceops builds ({first}); it was written by an older faceops: "
+                              "retrain, or use the faceops version that wrote it") from None
     model.eval()
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "head", "optimizer", "scheduler",
                                                         "scaler", "ema", "rng")}
