@@ -1,25 +1,34 @@
 """Recognizer accuracy within a CPU budget on LFW devtrain, with the curve of accuracy against minutes.
 
-The data is ``../shared/data/lfw_devtrain`` ingested with centre crop 128; identities with at least 8
-images take part (at most 150 each), and 10% of them are held out, identity-disjoint: half as the
-``val`` split (validated every epoch, picks the best checkpoint) and half as the ``test`` split.
+The data is ``../shared/data/lfw_devtrain`` ingested with centre crop 128. Every person is kept
+(``faceops.data.ingest``): the training classes follow ``--train-classes`` (``seeds``: 8-150 images,
+151 people; ``all``: every person with 2+ images), and everyone else is held out, identity-disjoint,
+``--val-share`` of them as the ``val`` split (validated every epoch, picks the best checkpoint) and
+the rest as the ``test`` split; the single-image people are distractors in both (impostor pairs,
+identification gallery). With the defaults the test protocol is 826 people with 2+ images, 2,283
+distractors and 3,000 pairs (1,500 genuine), far above the 300 people / 2,000 pairs a comparison of
+two recipes needs; the ingest summary's ``protocol`` says what a run got.
+
 A recognizer is trained from scratch for ``--minutes`` of wall time: the step count starts as the
 budget divided by a probed step time and is re-planned at every epoch from the measured pace (the
 cosine schedule is rebuilt to end with the budget), then the best checkpoint is evaluated with
 ``faceops.evaluate.evaluate``.
 
-Figures (bench/results/accuracy.json):
+Figures (bench/results/<name>.json):
 
-* ``test``: verification accuracy, EER, TAR@FAR=1e-3, AUC and rank-1 on the test split (threshold
-  picked on the val split's pairs); ``val``: the same on the val split (seeded 10-fold threshold);
+* ``test``: verification accuracy with its standard error (10-fold, LFW protocol), EER, TAR@FAR=1e-3,
+  AUC, rank-1 / rank-5 with binomial standard errors, and the protocol's size (pairs, folds, probes,
+  gallery distractors); ``val``: the same on the val split;
 * ``curve``: (cumulative training minutes, val accuracy) after every epoch;
-* the recipe, the budget asked for and the minutes actually spent.
+* ``data``: the splits and the held-out ``protocol`` sizes; the recipe, the budget asked for and the
+  minutes actually spent.
 
-Artifacts in ``bench/artifacts/accuracy/`` (git-ignored): ``recognizer.pt`` (best checkpoint),
-``model.onnx`` beside it, ``ingest_config.yaml`` and ``train_config.yaml``, for a held-out
-``faceops evaluate`` outside the repo. Run from the repository root:
-``python -m bench.accuracy [--minutes 15]``. Figures from a small budget are a floor, not what the
-recipe reaches.
+Artifacts in ``--artifacts`` (default ``bench/artifacts/accuracy/``, git-ignored): ``recognizer.pt``
+(best checkpoint), ``model.onnx`` beside it, ``ingest_config.yaml`` and ``train_config.yaml``, for a
+held-out ``faceops evaluate`` outside the repo. Run from the repository root:
+``python -m bench.accuracy [--minutes 15]``; a smoke run that touches nothing tracked:
+``python -m bench.accuracy --minutes 0.3 --artifacts /tmp/acc --results bench/results/tmp``.
+Figures from a small budget are a floor, not what the recipe reaches.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import torch
 import yaml
 
 from faceops.config import to_dict
-from faceops.data.ingest import IngestConfig, SplitConfig, ingest
+from faceops.data.ingest import TRAIN_CLASS_RULES, IngestConfig, SplitConfig, TrainClassConfig, ingest
 from faceops.data.manifest import load_manifest
 from faceops.data.prepare import PrepareConfig
 from faceops.data.reader import load_split
@@ -58,9 +67,14 @@ def data_root() -> Path:
     return Path(os.environ.get("FACEOPS_DATA") or REPO.parent / "shared" / "data")
 
 
-def ingest_config(crop: int, min_images: int, held_out: float) -> IngestConfig:
-    return IngestConfig(prepare=PrepareConfig(center_crop=crop), min_images_per_identity=min_images,
-                        splits=SplitConfig(train=1 - held_out, val=held_out / 2, test=held_out / 2))
+def ingest_config(crop: int, min_images: int | None, held_out: float, rule: str = "seeds",
+                  val_share: float = 0.5) -> IngestConfig:
+    """LFW devtrain as the benchmark ingests it: ``held_out`` of the people with 2+ images (at least;
+    everyone the training-class rule leaves out is held out too), ``val_share`` of them in val."""
+    return IngestConfig(prepare=PrepareConfig(center_crop=crop),
+                        train_classes=TrainClassConfig(rule=rule, min_images=min_images),
+                        splits=SplitConfig(train=1 - held_out, val=held_out * val_share,
+                                           test=held_out * (1 - val_share)))
 
 
 def recipe(args: argparse.Namespace, data: str, out: str) -> RecognizerTrainConfig:
@@ -127,25 +141,32 @@ def curve(history: list[dict]) -> list[list[float]]:
             for m, h in zip(minutes, history, strict=True)]
 
 
-def publish(checkpoint: str, icfg: IngestConfig, cfg: RecognizerTrainConfig, val_images: np.ndarray) -> dict:
-    """recognizer.pt + model.onnx (parity-checked) + the configs, in bench/artifacts/accuracy/."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    pt = ARTIFACTS / "recognizer.pt"
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def publish(checkpoint: str, icfg: IngestConfig, cfg: RecognizerTrainConfig, val_images: np.ndarray,
+            artifacts: Path = ARTIFACTS) -> dict:
+    """recognizer.pt + model.onnx (parity-checked) + the configs, in ``artifacts``."""
+    artifacts.mkdir(parents=True, exist_ok=True)
+    pt = artifacts / "recognizer.pt"
     shutil.copyfile(checkpoint, pt)
-    (ARTIFACTS / "ingest_config.yaml").write_text(yaml.safe_dump(to_dict(icfg), sort_keys=False))
-    (ARTIFACTS / "train_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (artifacts / "ingest_config.yaml").write_text(yaml.safe_dump(to_dict(icfg), sort_keys=False))
+    (artifacts / "train_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     model, _ = load_model(str(pt))
-    onnx_path = export_onnx(model, ARTIFACTS / "model.onnx", torch.zeros(1, 3, HR_SIZE, HR_SIZE), "recognizer",
+    onnx_path = export_onnx(model, artifacts / "model.onnx", torch.zeros(1, 3, HR_SIZE, HR_SIZE), "recognizer",
                             ExportConfig())
     parity = check_parity("recognizer", onnx_path, model, to_input(val_images[:8]), ExportConfig())
-    return {"checkpoint": str(pt.relative_to(REPO)), "onnx": str(onnx_path.relative_to(REPO)),
-            "onnx_parity_max_abs": parity.max_abs}
+    return {"checkpoint": _shown(pt), "onnx": _shown(onnx_path), "onnx_parity_max_abs": parity.max_abs}
 
 
 def headline(metrics: dict) -> dict:
-    v = metrics["verification"]
-    return {"accuracy": v["accuracy"], "eer": v["eer"], "tar_at_far_1e-3": v["tar_at_far"]["1e-3"],
-            "auc": v["auc"], "rank1": metrics["identification"]["rank1"]}
+    """The figures a comparison needs, each accuracy with its standard error and the protocol's size."""
+    v, i = metrics["verification"], metrics["identification"]
+    keep_v = ("accuracy", "accuracy_se", "eer", "auc", "threshold", "pairs", "folds")
+    keep_i = ("rank1", "rank1_se", "rank5", "rank5_se", "probes", "gallery_identities", "distractors")
+    return {**{k: v[k] for k in keep_v if k in v}, "tar_at_far_1e-3": v["tar_at_far"]["1e-3"],
+            **{k: i[k] for k in keep_i if k in i}}
 
 
 def train(cfg: RecognizerTrainConfig, on_epoch_start) -> FitResult:
@@ -171,11 +192,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up as a fraction of the steps")
     p.add_argument("--center-crop", type=int, default=128, help="ingest centre crop (px of 250)")
-    p.add_argument("--min-images", type=int, default=8, help="images an identity needs to take part")
-    p.add_argument("--held-out", type=float, default=0.1, help="fraction of identities held out (val + test)")
+    p.add_argument("--train-classes", default="seeds", choices=sorted(TRAIN_CLASS_RULES),
+                   help="training-class rule: seeds = 8-150 images per class, all = every person with 2+")
+    p.add_argument("--min-images", type=int, default=None, help="override the rule's minimum images per class")
+    p.add_argument("--held-out", type=float, default=0.2,
+                   help="share of the people with 2+ images held out at least (val + test)")
+    p.add_argument("--val-share", type=float, default=0.2,
+                   help="share of the held-out people in val (per-epoch validation); the rest are the test split")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all usable cores)")
-    p.add_argument("--work", default=str(ARTIFACTS / "work"), help="store and run folders")
-    p.add_argument("--name", default="accuracy", help="result name (bench/results/<name>.json)")
+    p.add_argument("--artifacts", default=str(ARTIFACTS), help="checkpoint, ONNX and configs go here")
+    p.add_argument("--work", default=None, help="store and run folders (default: ARTIFACTS/work)")
+    p.add_argument("--name", default="accuracy", help="result name (<results>/<name>.json)")
+    p.add_argument("--results", default=None, help="results folder (default bench/results)")
     return p
 
 
@@ -186,12 +214,15 @@ def main(argv: list[str] | None = None) -> dict:
     source = data_root() / "lfw_devtrain"
     if not source.is_dir():
         raise SystemExit(f"{source} not found: set FACEOPS_DATA to the folder holding lfw_devtrain")
-    work = Path(args.work)
+    artifacts = Path(args.artifacts)
+    work = Path(args.work) if args.work else artifacts / "work"
     if (work / "run").exists():
         shutil.rmtree(work / "run")  # a fresh run each time (the store is reused: ingest is idempotent)
-    icfg = ingest_config(args.center_crop, args.min_images, args.held_out)
+    icfg = ingest_config(args.center_crop, args.min_images, args.held_out, args.train_classes, args.val_share)
     result = ingest(str(source), "lfw_devtrain_acc", str(work / "store"), icfg, progress=False)
-    splits = result.summary["splits"]
+    splits, protocol = result.summary["splits"], result.summary["protocol"]
+    print(f"[bench.accuracy] {result.summary['train_classes']} training classes "
+          f"({icfg.train_classes.describe()}); test protocol {protocol['test']}", flush=True)
     cfg = recipe(args, result.uri, str(work / "run"))
     step_s = seconds_per_step(cfg, splits["train"]["identities"])
     steps = max(10, int(args.minutes * 60 * 0.85 / step_s))  # ~15% for data, validation, checkpoints
@@ -204,26 +235,31 @@ def main(argv: list[str] | None = None) -> dict:
     fit = train(cfg, planner)
     train_minutes = (time.time() - t0) / 60
     best = fit.best_checkpoint or fit.checkpoint
-    test = evaluate(best, ARTIFACTS / "eval_test", data=result.uri, split="test")
-    val = evaluate(best, ARTIFACTS / "eval_val", data=result.uri, split="val")
-    artifacts = publish(best, icfg, cfg, load_split(result.uri, "val", views=["hr"]).hr)
+    test = evaluate(best, artifacts / "eval_test", data=result.uri, split="test")
+    val = evaluate(best, artifacts / "eval_val", data=result.uri, split="val")
+    published = publish(best, icfg, cfg, load_split(result.uri, "val", views=["hr"]).hr, artifacts)
     figures = {
         "test": headline(test), "val": headline(val),
         "curve_minutes_val_accuracy": curve(fit.history),
         "budget_minutes": args.minutes, "train_minutes": train_minutes, "steps": fit.steps,
         "planned_steps": steps, "replanned_steps": planner.replans,
         "epochs": fit.epochs, "step_seconds_probe": step_s, "threads": threads,
-        "data": splits,
+        "data": {"train_classes": result.summary["train_classes"], "train_class_rule": icfg.train_classes.describe(),
+                 "splits": splits, "protocol": protocol},
         "recipe": {"model": args.model, "margin": f"{args.margin} s=32 m={args.margin_m}", "batch": args.batch,
                    "optim": f"adamw lr={args.lr} wd={args.weight_decay}",
                    "schedule": f"cosine, warmup {cfg.engine.schedule.warmup_steps} steps",
                    "augment": "recognizer recipe (flip, rot 10, translate, jitter, noise)",
                    "label_smoothing": cfg.label_smoothing},
-        "artifacts": artifacts,
+        "artifacts": published,
     }
-    notes = (f"CPU, {threads} threads, budget {args.minutes} min wall. Identity-disjoint splits of LFW "
-             "devtrain (>= 8 images per identity); test figures use a threshold picked on the val pairs.")
-    save_result(args.name, figures, notes)
+    t = protocol["test"]
+    notes = (f"CPU, {threads} threads, budget {args.minutes} min wall. Identity-disjoint splits of LFW devtrain, "
+             f"every person kept: {result.summary['train_classes']} training classes "
+             f"({icfg.train_classes.describe()}); test = {t['people']} held-out people with 2+ images, "
+             f"{t['distractors']} single-image distractors, {t['pairs']} pairs; accuracy +- standard error "
+             "over 10 folds, rank-k +- binomial standard error.")
+    save_result(args.name, figures, notes, Path(args.results) if args.results else None)
     return figures
 
 

@@ -1,4 +1,4 @@
-"""arcface_resnet34: ingest -> ResNet-34 ArcFace training (+ lower-LR phase) -> evaluate -> export."""
+"""arcface_resnet34: ingest -> IResNet-34 ArcFace training (seed 002's three phases) -> evaluate -> export."""
 
 from faceops.components import evaluate, export
 from faceops.pipelines.platform import ClusterConfig, apply, default_config_text, ingest_and_train
@@ -13,8 +13,8 @@ def build(cluster: ClusterConfig | None = None):
 
     @dsl.pipeline(
         name="arcface-resnet34",
-        description="ResNet-34 + ArcFace (s=30, m=0.35) trained from "
-        "scratch with SGD then lower-LR fine-tuning; verification/identification; ONNX for Triton.",
+        description="IResNet-34 + ArcFace (s=30, m=0.35) trained from scratch in three phases "
+        "(SGD 1e-3, SGD 5e-4, Adam 1e-4 cosine); verification/identification; ONNX for Triton.",
     )
     def arcface_resnet34(
         config_yaml: str = default_yaml,

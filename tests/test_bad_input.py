@@ -16,14 +16,14 @@ from faultproxy import moto_with_auth
 from PIL import Image
 
 from faceops.cli import main
-from faceops.data.ingest import IngestConfig, ingest
+from faceops.data.ingest import IngestConfig, TrainClassConfig, ingest
 from faceops.data.manifest import load_manifest
 from faceops.data.synth import synthesize
 from faceops.serve.local import free_port
 from faceops.storage import open_store
 from faceops.storage.s3 import S3Settings, S3Store
 
-SETS = ["--set", "min_images_per_identity=2", "--set", "pairs_per_split=10", "--set", "workers=1"]
+SETS = ["--set", "train_classes.rule=all", "--set", "pairs_per_split=10", "--set", "workers=1"]
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,25 @@ def test_ingest_empty_folder(tmp_path, capsys):
     assert "<root>/<identity>/<image>" in line and nothing_published(tmp_path / "s")
 
 
+def test_ingest_source_of_non_images_only(tmp_path, capsys):
+    (tmp_path / "src" / "someone").mkdir(parents=True)
+    (tmp_path / "src" / "someone" / "notes.txt").write_text("no faces here")
+    rc, _, err = run(capsys, "ingest", str(tmp_path / "src"), "--name", "d", "--store", str(tmp_path / "s"))
+    line = one_error(err, "ingest")
+    assert rc == 1 and f"no images found under {tmp_path / 'src'}" in line and "GIF" in line
+    assert nothing_published(tmp_path / "s")
+
+
+def test_ingest_a_gif_set_is_not_refused(faces, tmp_path, capsys):
+    """A public face set stored as GIF files (refused with "no images found" before formats were
+    told by content)."""
+    for f in sorted(faces.rglob("*.png")):
+        Image.open(f).convert("RGB").save(f.with_suffix(".gif"), "GIF")
+        f.unlink()
+    rc, out, _ = run(capsys, "ingest", str(faces), "--name", "gif", "--store", str(tmp_path / "s"), *SETS)
+    assert rc == 0 and load_manifest(str(tmp_path / "s" / "datasets" / "gif"))["summary"]["accepted"] == 12
+
+
 def test_ingest_missing_folder(tmp_path, capsys):
     rc, _, err = run(capsys, "ingest", str(tmp_path / "nope"), "--name", "d", "--store", str(tmp_path / "s"))
     line = one_error(err, "ingest")
@@ -90,8 +109,8 @@ def test_ingest_missing_folder(tmp_path, capsys):
 
 def test_ingest_pairs_path_escaping_the_source_and_missing_pairs_file(faces, tmp_path, capsys):
     store = tmp_path / "store"
-    kept = ingest(str(faces), "kept", str(store), IngestConfig(min_images_per_identity=2, pairs_per_split=10,
-                                                               workers=1), progress=False)
+    kept = ingest(str(faces), "kept", str(store), IngestConfig(train_classes=TrainClassConfig(rule="all"),
+                                                               pairs_per_split=10, workers=1), progress=False)
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("1\nid_0000 1 2\n../../etc 1 id_0001 1\n")
     rc, _, err = run(capsys, "ingest", str(faces), "--name", "p", "--store", str(store), "--pairs", str(pairs),

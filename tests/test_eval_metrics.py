@@ -26,7 +26,9 @@ from faceops.evaluate import (
     tar_at_far,
     verification_metrics,
 )
+from faceops.evaluate.identification import binomial_se
 from faceops.evaluate.sr_metrics import SSIM_K1, SSIM_K2, gaussian_kernel
+from faceops.evaluate.verification import standard_error
 
 
 def phi(x: float) -> float:
@@ -119,6 +121,37 @@ def test_validation_threshold_is_applied_unchanged() -> None:
     assert m["accuracy"] == 0.75
 
 
+def test_accuracy_standard_error_is_fold_std_over_sqrt_folds() -> None:
+    # the folds of test_kfold_thresholds_come_from_other_folds: accuracies 0.5, 1, 1, 1
+    scores = np.array([0.6, 0.4, 0.2, 0.1, 0.2, 0.1, 0.2, 0.1])
+    genuine = np.array([True, False, True, False, True, False, True, False])
+    m = verification_metrics(scores, genuine, folds=[0, 0, 1, 1, 2, 2, 3, 3])
+    assert m["accuracy"] == pytest.approx(0.875)
+    assert m["accuracy_se"] == pytest.approx(0.25 / 2)  # sample std 0.25 over sqrt(4)
+    assert (m["pairs"], m["folds"]) == (8, 4)
+    assert standard_error([0.5, 1, 1, 1]) == pytest.approx(0.125)
+    with pytest.raises(ValueError, match="two folds"):
+        standard_error([0.9])
+
+
+def test_seeded_folds_standard_error_matches_the_binomial() -> None:
+    # 10 folds of N pairs at accuracy p: the SE of the mean is about sqrt(p (1 - p) / N)
+    rng = np.random.default_rng(2)
+    n = 2000
+    scores = np.r_[rng.normal(1.0, 1.0, n), rng.normal(0.0, 1.0, n)]
+    genuine = np.r_[np.ones(n, bool), np.zeros(n, bool)]
+    m = verification_metrics(scores, genuine)
+    expected = math.sqrt(m["accuracy"] * (1 - m["accuracy"]) / (2 * n))
+    assert m["folds"] == 10 and m["accuracy_se"] == pytest.approx(expected, rel=0.5)
+    val = verification_metrics(scores, genuine, val_scores=[0.9, 0.1], val_genuine=[True, False])
+    assert val["accuracy_se"] == pytest.approx(expected, rel=0.5) and val["threshold"] == pytest.approx(0.5)
+
+
+def test_seeded_folds_never_outnumber_either_kind_of_pair() -> None:
+    m = verification_metrics([0.9, 0.8, 0.7, 0.1, 0.2, 0.3, 0.4, 0.5], [True] * 3 + [False] * 5)
+    assert m["folds"] == 3 and m["accuracy"] == 1.0 and m["accuracy_se"] == 0.0
+
+
 def test_make_folds_balanced_and_seeded() -> None:
     genuine = np.r_[np.ones(50, bool), np.zeros(50, bool)]
     f = make_folds(genuine, 10, seed=3)
@@ -157,13 +190,28 @@ def test_gallery_probe_split_singletons_are_distractors() -> None:
     np.testing.assert_array_equal(s.gallery, s2.gallery)
 
 
+def test_identification_counts_distractors_in_the_gallery() -> None:
+    # id0: A (1,0) and B (.6,.8); id1: two images at (-1,0); distractor D (.8,.6) is closer to each of
+    # A and B than they are to each other, so it takes rank 1 from both id0 probes
+    emb = np.array([[1, 0], [0.6, 0.8], [-1, 0], [-1, 0], [0.8, 0.6]], dtype=np.float64)
+    labels = np.array([0, 0, 1, 1, 2])
+    with_d = identification_metrics(emb, labels)
+    assert (with_d["rank1"], with_d["rank5"]) == (0.5, 1.0)
+    assert with_d["rank1_se"] == pytest.approx(math.sqrt(0.25 / 2)) and with_d["rank5_se"] == 0.0
+    assert (with_d["probes"], with_d["gallery_identities"], with_d["distractors"]) == (2, 3, 1)
+    without = identification_metrics(emb[:4], labels[:4])
+    assert without["rank1"] == 1.0 and without["distractors"] == 0
+    assert binomial_se(0.9, 100) == pytest.approx(0.03)
+
+
 def test_identification_perfect_and_random() -> None:
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(20, 64))
     labels = np.repeat(np.arange(20), 3)
     emb = centres[labels] + 0.01 * rng.normal(size=(60, 64))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    assert identification_metrics(emb, labels) == {"rank1": 1.0, "rank5": 1.0}
+    m = identification_metrics(emb, labels)
+    assert (m["rank1"], m["rank5"], m["rank1_se"], m["probes"], m["distractors"]) == (1.0, 1.0, 0.0, 40, 0)
     noise = rng.normal(size=(60, 64))
     m = identification_metrics(noise / np.linalg.norm(noise, axis=1, keepdims=True), labels)
     assert m["rank1"] < 0.3 and m["rank1"] <= m["rank5"]

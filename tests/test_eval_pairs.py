@@ -1,13 +1,16 @@
-"""LFW pairs parsing and resolution: format rules on small files, then the real View 1 file."""
+"""LFW pairs parsing and resolution (format rules on small files, then the real View 1 file); an
+imported pairs file keeping its folds; generated pairs and the size of the protocol they give."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from faceops.evaluate import PairsError, image_path, parse_pairs, resolve_pairs
+from faceops.evaluate import PairsError, image_path, parse_pairs, resolve_pairs, verification_metrics
+from faceops.evaluate.pairs import MIN_PROTOCOL_PAIRS, generate_pairs, protocol_size
 
 DATA = Path(os.environ.get("FACEOPS_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 DEVTRAIN_PAIRS = DATA / "lfw_meta" / "pairsDevTrain.txt"
@@ -116,3 +119,60 @@ def test_a_pairs_name_cannot_escape_the_image_folder(tmp_path):
         with pytest.raises(PairsError, match="escape"):
             image_path(tmp_path / "images", name, 1)
     assert image_path(tmp_path / "images", "Aaron_Peirsol", 2).name == "Aaron_Peirsol_0002.jpg"
+
+
+def test_another_image_format_resolves_by_stem(tmp_path: Path) -> None:
+    root = _images(tmp_path / "imgs", {"Ann": 2, "Bob": 3, "Cy": 2})
+    (root / "Bob" / "Bob_0003.jpg").rename(root / "Bob" / "Bob_0003.png")
+    r = resolve_pairs(parse_pairs(_write(tmp_path, FOLDED)), root)
+    assert root / "Bob" / "Bob_0003.png" in r.images and r.skipped_pairs == 0
+
+
+def test_imported_pairs_keep_their_own_folds(tmp_path: Path) -> None:
+    """Ingest with a 2-fold LFW pairs file (faces stored as PNG): the folds survive into the dataset
+    and the accuracy is 2-fold with its standard error."""
+    from faceops.data.ingest import IngestConfig, TrainClassConfig, ingest
+    from faceops.data.reader import load_split
+    from faceops.data.synth import synthesize
+
+    faces = synthesize(tmp_path / "synth", identities=3, images_per_identity=3, seed=6, progress=False)
+    root = tmp_path / "lfw"
+    for name, ident in zip(("Ann", "Bob", "Cy"), sorted(faces.iterdir()), strict=True):
+        (root / name).mkdir(parents=True)
+        for k, f in enumerate(sorted(ident.iterdir()), start=1):
+            f.rename(root / name / f"{name}_{k:04d}.png")
+    cfg = IngestConfig(train_classes=TrainClassConfig(rule="all"), pairs_per_split=4, workers=1)
+    r = ingest(str(root), "folds", str(tmp_path / "store"), cfg, pairs_file=str(_write(tmp_path, FOLDED)),
+               progress=False)
+    data = load_split(r.uri, "pairs", views=["hr"])
+    assert data.folds == [0, 0, 0, 0, 1, 1, 1, 1] and len(data.pairs) == 8
+    genuine = np.array([g for _, _, g in data.pairs])
+    m = verification_metrics(np.where(genuine, 0.9, 0.1), genuine, folds=data.folds)
+    assert (m["folds"], m["accuracy"], m["accuracy_se"]) == (2, 1.0, 0.0)
+
+
+def test_generated_pairs_are_balanced_spread_and_seeded() -> None:
+    # 40 people with 2 images (one genuine pair each), one with 60 images, 50 single-image distractors
+    labels = np.r_[np.repeat(np.arange(40), 2), np.full(60, 40), np.arange(41, 91)]
+    pairs = generate_pairs(labels, 200, seed=0)
+    genuine = [(a, b) for a, b, g in pairs if g]
+    impostor = [(a, b) for a, b, g in pairs if not g]
+    assert len(genuine) == len(impostor) == 100 and len(set(pairs)) == 200
+    assert all(a < b for a, b, _ in pairs)
+    assert all(labels[a] == labels[b] for a, b in genuine) and all(labels[a] != labels[b] for a, b in impostor)
+    people = {int(labels[a]) for a, _ in genuine}
+    assert people == set(range(41))  # every person with 2+ images gives a pair before anyone a second
+    assert sum(labels[a] == 40 for a, _ in genuine) == 60  # the big one fills the rest, not the lot
+    lone = set(range(41, 91))
+    assert sum(bool({int(labels[a]), int(labels[b])} & lone) for a, b in impostor) > 50  # distractors used
+    assert generate_pairs(labels, 200, seed=0) == pairs and generate_pairs(labels, 200, seed=1) != pairs
+
+
+def test_generated_pairs_use_what_exists_and_say_so() -> None:
+    labels = np.r_[np.repeat(np.arange(5), 2), np.arange(5, 9)]  # 5 genuine pairs exist
+    pairs = generate_pairs(labels, 600, seed=0)
+    assert len(pairs) == 10 and sum(g for _, _, g in pairs) == 5
+    size = protocol_size(labels, pairs)
+    assert (size.people, size.distractors, size.pairs, size.genuine) == (5, 4, 10, 5)
+    assert not size.measurable and f"{MIN_PROTOCOL_PAIRS} pairs" in size.shortfall()
+    assert generate_pairs([0, 0, 0], 10, seed=0) == []  # one person: no impostor, so nothing

@@ -1,4 +1,5 @@
-"""Training reader: deterministic batches, paired augmentation, balanced sampling, remote cache."""
+"""Training reader: deterministic batches, paired augmentation, balanced sampling, remote cache, and
+reading by role (training classes only for training; distractors dropped on request)."""
 
 import numpy as np
 import pytest
@@ -71,12 +72,12 @@ def test_identity_balanced_sampling():
 
 
 def test_remote_shards_are_cached_and_verified(tmp_path, s3_bucket, monkeypatch):
-    from faceops.data.ingest import IngestConfig, ingest
+    from faceops.data.ingest import IngestConfig, TrainClassConfig, ingest
 
     monkeypatch.setenv("FACEOPS_CACHE", str(tmp_path / "cache"))
     faces = synthesize(tmp_path / "f", identities=8, images_per_identity=3, seed=2, progress=False)
-    r = ingest(str(faces), "c", s3_bucket, IngestConfig(min_images_per_identity=2, pairs_per_split=10),
-               progress=False)
+    r = ingest(str(faces), "c", s3_bucket, IngestConfig(train_classes=TrainClassConfig(rule="all"),
+                                                        pairs_per_split=10), progress=False)
     a = load_split(r.uri, "train")
     cached = sorted((tmp_path / "cache" / "shards").iterdir())
     assert cached
@@ -90,3 +91,29 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
     with pytest.raises(DatasetError, match="ingest it first"):
         load_split(str(tmp_path / "nope"), "train")
+
+
+def test_reading_by_role_remaps_pairs(tmp_path):
+    import shutil
+
+    from faceops.data.ingest import IngestConfig, SplitConfig, TrainClassConfig, ingest
+
+    faces = synthesize(tmp_path / "f", identities=8, images_per_identity=3, seed=4, progress=False)
+    lone = synthesize(tmp_path / "lone", identities=8, images_per_identity=1, seed=5, progress=False)
+    for k, folder in enumerate(sorted(lone.iterdir())):
+        shutil.move(str(folder), faces / f"lone_{k}")
+    cfg = IngestConfig(train_classes=TrainClassConfig(rule="all"), splits=SplitConfig(0.5, 0.25, 0.25),
+                       pairs_per_split=40, workers=1)
+    uri = ingest(str(faces), "roles", str(tmp_path / "store"), cfg, progress=False).uri
+    whole = load_split(uri, "test", views=["hr"])
+    assert set(whole.roles) == {"eval", "distractor"}
+    evals = load_split(uri, "test", views=["hr"], roles=("eval",))
+    assert set(evals.roles) == {"eval"} and len(evals) == whole.roles.count("eval")
+    by_id = {i: k for k, i in enumerate(evals.image_ids)}
+    kept = [(whole.image_ids[a], whole.image_ids[b], g) for a, b, g in whole.pairs
+            if whole.roles[a] == whole.roles[b] == "eval"]
+    assert [(evals.image_ids[a], evals.image_ids[b], g) for a, b, g in evals.pairs] == kept
+    assert all((evals.labels[a] == evals.labels[b]) == g for a, b, g in evals.pairs)
+    assert np.array_equal(evals.hr, whole.hr[[whole.image_ids.index(i) for i in by_id]])
+    train = load_split(uri, "train", views=["hr"])
+    assert set(train.roles) == {"train_class"} and np.bincount(train.labels).min() >= 2

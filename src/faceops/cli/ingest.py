@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"store URI: a folder, file:///path or s3://bucket/prefix (default {DEFAULT_STORE})")
     p.add_argument("--pairs", metavar="FILE", help="LFW pairs file (pairs.txt / pairsDevTrain.txt) to import")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    add_config_args(p, "ingest", "ingest.min_images_per_identity=5")
+    add_config_args(p, "ingest", "ingest.train_classes.rule=all")
     p.set_defaults(func=run_ingest)
 
     d = SynthConfig()  # the same defaults as a config's synth: section

@@ -4,12 +4,16 @@ Batches are formed by fancy-indexing the arrays and augmented as a batch (see
 :mod:`faceops.data.augment`), so no per-image decoding or Python loop sits on the hot path. The
 order and the augmentation of batch ``b`` of epoch ``e`` depend only on (seed, e, b): resuming
 mid-epoch, or changing the number of workers, gives the same batches.
+
+The ``train`` split is read as its training classes only (manifest role ``train_class``): images of a
+class beyond the training-class cap stay in the dataset but are not trained on.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +36,7 @@ class SplitData:
     image_ids: list[str]
     pairs: list[tuple[int, int, bool]] = field(default_factory=list)  # val/test/pairs verification
     folds: list[int] | None = None  # fold of each pair (imported LFW pairs)
+    roles: list[str] = field(default_factory=list)  # manifest role of each image (train_class/eval/distractor)
 
     @property
     def num_classes(self) -> int:
@@ -60,8 +65,17 @@ def _read_array(store: ObjectStore, key: str, sha256: str) -> np.ndarray:
     return np.load(cached, allow_pickle=False)
 
 
-def load_split(dataset_uri: str, split: str, views: list[str] | None = None) -> SplitData:
-    """Arrays of one split (``train``/``val``/``test``/``pairs``); ``views`` default to all."""
+#: Roles read by default per split: training reads training classes only; other splits read everything.
+DEFAULT_ROLES: dict[str, tuple[str, ...]] = {"train": ("train_class",)}
+
+
+def load_split(dataset_uri: str, split: str, views: list[str] | None = None,
+               roles: Sequence[str] | None = None) -> SplitData:
+    """Arrays of one split (``train``/``val``/``test``/``pairs``); ``views`` default to all.
+
+    ``roles`` keeps only images of those manifest roles (default :data:`DEFAULT_ROLES`: the training
+    classes for ``train``, everything elsewhere); datasets ingested before roles existed read whole.
+    """
     manifest = load_manifest(dataset_uri)
     if split not in manifest["shards"]:
         raise DatasetError(f"{dataset_uri} has no split {split!r} (has: {', '.join(manifest['shards'])})")
@@ -78,17 +92,41 @@ def load_split(dataset_uri: str, split: str, views: list[str] | None = None) -> 
     hr_shape = (0, manifest["hr_size"], manifest["hr_size"], 3)
     stacked = {v: np.concatenate(a) if a else np.zeros(hr_shape, np.uint8) for v, a in arrays.items()}
     images = sorted((im for im in manifest["images"] if im["split"] == split), key=lambda im: im["index"])
+    keep = _kept(images, roles if roles is not None else DEFAULT_ROLES.get(split))
+    pairs = [(int(a), int(b), bool(g)) for a, b, g in manifest["pairs"].get(split, [])]
+    folds = manifest["pairs_import"]["folds"] if split == "pairs" and "pairs_import" in manifest else None
+    if keep is not None:
+        stacked = {v: a[keep] for v, a in stacked.items()}
+        images = [images[k] for k in keep]
+        pairs, folds = _remap_pairs(pairs, folds, keep)
     names = sorted({im["identity"] for im in images})
     ids = {n: i for i, n in enumerate(names)}
     labels = np.array([ids[im["identity"]] for im in images], dtype=np.int64)
-    pairs = [tuple(p) for p in manifest["pairs"].get(split, [])]
-    folds = None
-    if split == "pairs" and "pairs_import" in manifest:
-        folds = manifest["pairs_import"]["folds"]
     return SplitData(hr=stacked.get("hr", np.zeros(hr_shape, np.uint8)),
                      vlr={v[4:]: a for v, a in stacked.items() if v.startswith("vlr_")},
                      labels=labels, identities=names, image_ids=[im["id"] for im in images],
-                     pairs=[(int(a), int(b), bool(s)) for a, b, s in pairs], folds=folds)
+                     pairs=pairs, folds=folds, roles=[im.get("role", "") for im in images])
+
+
+def _kept(images: list[dict], roles: Sequence[str] | None) -> np.ndarray | None:
+    """Positions of the images with one of ``roles``; None when every image is kept."""
+    if roles is None or not images or "role" not in images[0]:
+        return None
+    keep = np.array([k for k, im in enumerate(images) if im["role"] in roles], dtype=np.int64)
+    return None if keep.size == len(images) else keep
+
+
+def _remap_pairs(pairs: list[tuple[int, int, bool]], folds: list[int] | None,
+                 keep: np.ndarray) -> tuple[list[tuple[int, int, bool]], list[int] | None]:
+    """Pairs (and their folds) re-indexed onto the kept images; pairs using a dropped image go."""
+    new = {int(old): k for k, old in enumerate(keep)}
+    out, out_folds = [], []
+    for k, (a, b, g) in enumerate(pairs):
+        if a in new and b in new:
+            out.append((new[a], new[b], g))
+            if folds is not None:
+                out_folds.append(folds[k])
+    return out, (out_folds if folds is not None else None)
 
 
 def epoch_order(labels: np.ndarray, seed: int, epoch: int, balanced: bool) -> np.ndarray:

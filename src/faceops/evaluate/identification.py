@@ -2,9 +2,10 @@
 
 Per identity with at least two images, a seeded permutation puts the first ``gallery_per_identity``
 images in the gallery and the rest become probes. Identities with a single image are gallery-only
-distractors: they cannot be probed but make the search harder. A probe is correct at rank k when
-its identity is among the k gallery identities most similar to it (an identity scores the best
-cosine of its gallery images).
+distractors: they cannot be probed but make the search harder (a held-out split holds its
+single-image people for this). A probe is correct at rank k when its identity is among the k
+gallery identities most similar to it (an identity scores the best cosine of its gallery images).
+Each rank-k rate comes with its binomial standard error, sqrt(p (1 - p) / probes).
 """
 
 from __future__ import annotations
@@ -57,9 +58,28 @@ def rank_accuracies(embeddings: np.ndarray, labels: np.ndarray | Sequence[int], 
     return {k: float(np.mean(rank <= k)) for k in ranks}
 
 
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of a rate ``p`` measured on ``n`` independent trials."""
+    if n < 1:
+        raise ValueError(f"a standard error needs at least one trial, got {n}")
+    return float(np.sqrt(p * (1.0 - p) / n))
+
+
 def identification_metrics(embeddings: np.ndarray, labels: np.ndarray | Sequence[int],
                            gallery_per_identity: int = 1, seed: int = 0) -> dict:
-    """The ``identification`` block of metrics.json."""
-    split = gallery_probe_split(labels, gallery_per_identity, seed)
-    r = rank_accuracies(embeddings, labels, split, RANKS)
-    return {"rank1": r[1], "rank5": r[5]}
+    """The ``identification`` block of metrics.json: rank-1/5 with standard errors, and the protocol's
+    size (probes, gallery identities, of which ``distractors`` have no probe)."""
+    y = np.asarray(labels).ravel()
+    split = gallery_probe_split(y, gallery_per_identity, seed)
+    r = rank_accuracies(embeddings, y, split, RANKS)
+    n = int(split.probes.size)
+    gallery_ids = np.unique(y[split.gallery])
+    return {
+        "rank1": r[1],
+        "rank1_se": binomial_se(r[1], n),
+        "rank5": r[5],
+        "rank5_se": binomial_se(r[5], n),
+        "probes": n,
+        "gallery_identities": int(gallery_ids.size),
+        "distractors": int(np.setdiff1d(gallery_ids, y[split.probes]).size),
+    }

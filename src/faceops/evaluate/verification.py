@@ -12,7 +12,10 @@ Conventions (documented because they change the figures):
 * EER is interpolated linearly between the two operating points where FRR - FAR changes sign;
 * accuracy is k-fold (LFW protocol): for each fold the threshold maximising accuracy on the other
   folds is applied to it; the reported accuracy and threshold are the means over folds. Without
-  folds, the threshold comes from a separate validation score set when one is given.
+  folds, the threshold comes from a separate validation score set when one is given;
+* ``accuracy_se`` is the standard error of that mean, the sample standard deviation of the fold
+  accuracies over sqrt(folds), as LFW's README (section 4) defines it; with a validation threshold
+  the same threshold is scored on seeded folds to get it.
 """
 
 from __future__ import annotations
@@ -122,9 +125,9 @@ def make_folds(genuine: np.ndarray | Sequence[bool], n_folds: int, seed: int = 0
     return folds
 
 
-def kfold_accuracy(scores: np.ndarray | Sequence[float], genuine: np.ndarray | Sequence[bool],
-                   folds: np.ndarray | Sequence[int]) -> tuple[float, float]:
-    """(mean accuracy, mean threshold) over folds, each fold's threshold chosen on the others."""
+def fold_accuracies(scores: np.ndarray | Sequence[float], genuine: np.ndarray | Sequence[bool],
+                    folds: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(accuracy, threshold) of each fold, each fold's threshold chosen on the other folds."""
     s, g = _check(scores, genuine)
     f = np.asarray(folds).ravel()
     if f.shape != s.shape:
@@ -137,7 +140,28 @@ def kfold_accuracy(scores: np.ndarray | Sequence[float], genuine: np.ndarray | S
         t, _ = best_threshold(s[train], g[train])
         accs.append(accuracy_at(s[test], g[test], t))
         thresholds.append(t)
+    return np.asarray(accs), np.asarray(thresholds)
+
+
+def kfold_accuracy(scores: np.ndarray | Sequence[float], genuine: np.ndarray | Sequence[bool],
+                   folds: np.ndarray | Sequence[int]) -> tuple[float, float]:
+    """(mean accuracy, mean threshold) over folds, each fold's threshold chosen on the others."""
+    accs, thresholds = fold_accuracies(scores, genuine, folds)
     return float(np.mean(accs)), float(np.mean(thresholds))
+
+
+def standard_error(fold_values: np.ndarray | Sequence[float]) -> float:
+    """Standard error of the mean of per-fold figures: sample std / sqrt(folds) (LFW README, 4)."""
+    v = np.asarray(fold_values, dtype=np.float64).ravel()
+    if v.size < 2:
+        raise ValueError(f"a standard error needs at least two folds, got {v.size}")
+    return float(np.std(v, ddof=1) / np.sqrt(v.size))
+
+
+def seeded_folds(genuine: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """:func:`make_folds` with no more folds than either kind has pairs, so each fold holds both."""
+    k = max(2, min(n_folds, int(genuine.sum()), int((~genuine).sum())))
+    return make_folds(genuine, k, seed)
 
 
 def verification_metrics(scores: np.ndarray | Sequence[float], genuine: np.ndarray | Sequence[bool], *,
@@ -147,22 +171,32 @@ def verification_metrics(scores: np.ndarray | Sequence[float], genuine: np.ndarr
                          n_folds: int = 10, seed: int = 0) -> dict:
     """The ``verification`` block of metrics.json.
 
-    Accuracy protocol, first that applies: the given ``folds``; else the best threshold on
-    ``val_scores``/``val_genuine`` applied to these pairs; else ``n_folds`` seeded, balanced folds.
+    Accuracy protocol, first that applies: the given ``folds`` (an LFW pairs file's own); else the
+    best threshold on ``val_scores``/``val_genuine`` applied to these pairs; else ``n_folds`` seeded,
+    balanced folds (the held-out protocol). ``accuracy_se`` is the standard error of ``accuracy``,
+    ``pairs`` and ``folds`` say how many pairs and folds it rests on.
     """
     s, g = _check(scores, genuine)
     roc = roc_curve(s, g)
     if folds is not None:
-        acc, threshold = kfold_accuracy(s, g, folds)
+        accs, thresholds = fold_accuracies(s, g, folds)
+        acc, threshold = float(np.mean(accs)), float(np.mean(thresholds))
     elif val_scores is not None and val_genuine is not None:
         threshold, _ = best_threshold(val_scores, val_genuine)
         acc = accuracy_at(s, g, threshold)
+        f = seeded_folds(g, n_folds, seed)
+        accs = np.array([accuracy_at(s[f == k], g[f == k], threshold) for k in np.unique(f)])
     else:
-        acc, threshold = kfold_accuracy(s, g, make_folds(g, n_folds, seed))
+        f = seeded_folds(g, n_folds, seed)
+        accs, thresholds = fold_accuracies(s, g, f)
+        acc, threshold = float(np.mean(accs)), float(np.mean(thresholds))
     return {
         "accuracy": acc,
+        "accuracy_se": standard_error(accs),
         "eer": eer(roc),
         "auc": auc(roc),
         "tar_at_far": {key: tar_at_far(roc, far) for key, far in FAR_TARGETS.items()},
         "threshold": threshold,
+        "pairs": int(s.size),
+        "folds": int(accs.size),
     }
