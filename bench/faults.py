@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from faceops.data.ingest import IngestConfig, ingest
+from faceops.data.ingest import IngestConfig, TrainClassConfig, ingest
 from faceops.data.synth import synthesize
 from faceops.errors import FaceopsError
 from faceops.export import ExportConfig, export_modules
@@ -58,7 +58,8 @@ def ingest_under_faults(faces: Path) -> dict:
                     proxy.set(mode, seconds=seconds, count=count)
                 t0 = time.monotonic()
                 try:
-                    ingest(str(faces), "faults", bucket, IngestConfig(min_images_per_identity=2), progress=False)
+                    cfg = IngestConfig(train_classes=TrainClassConfig(rule="all"))
+                    ingest(str(faces), "faults", bucket, cfg, progress=False)
                     outcome = "completed"
                 except FaceopsError as exc:
                     outcome = f"error: {str(exc)[:90]}"

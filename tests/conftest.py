@@ -107,12 +107,12 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> str:
     """A small ingested synthetic dataset (8 identities x 6 faces, both VLR sizes); returns its URI."""
-    from faceops.data.ingest import IngestConfig, ingest
+    from faceops.data.ingest import IngestConfig, TrainClassConfig, ingest
     from faceops.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("tiny")
     faces = synthesize(root / "faces", identities=8, images_per_identity=6, seed=1, progress=False)
-    cfg = IngestConfig(min_images_per_identity=2, pairs_per_split=40)
+    cfg = IngestConfig(train_classes=TrainClassConfig(rule="all"), pairs_per_split=40)
     return ingest(str(faces), "tiny", str(root / "store"), cfg, progress=False).uri
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from faultproxy import FaultProxy
 
-from faceops.data.ingest import MANIFEST, IngestConfig, IngestError, ingest
+from faceops.data.ingest import MANIFEST, IngestConfig, IngestError, TrainClassConfig, ingest
 from faceops.data.reader import load_split
 from faceops.data.synth import synthesize
 from faceops.storage import LocalStore, ObjectStore, StoreError, open_store
@@ -23,7 +23,7 @@ from faceops.storage.s3 import S3Settings, S3Store
 torch.set_num_threads(1)
 DATASET = "faces"
 PREFIX = f"datasets/{DATASET}"
-CFG = IngestConfig(min_images_per_identity=2, pairs_per_split=10, workers=1)
+CFG = IngestConfig(train_classes=TrainClassConfig(rule="all"), pairs_per_split=10, workers=1)
 
 
 @pytest.fixture(scope="module")
