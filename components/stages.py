@@ -10,9 +10,12 @@ from faceops.images import image
 
 TRAINER = image("trainer")  # GPU work: training, evaluation, export
 SLIM = image("slim")  # light steps
+# The images carry kfp at the lock's version (the one that compiles the pipelines): no step installs
+# anything at pod start, so steps run on egress-restricted clusters.
+INSTALL_KFP = False
 
 
-@dsl.component(base_image=SLIM)
+@dsl.component(base_image=SLIM, install_kfp_package=INSTALL_KFP)
 def ingest(
     source: str,
     name: str,
@@ -33,7 +36,7 @@ def ingest(
         json.dump(r, f, indent=1)
 
 
-@dsl.component(base_image=TRAINER)
+@dsl.component(base_image=TRAINER, install_kfp_package=INSTALL_KFP)
 def train_recognizer(
     dataset: Input[Dataset],
     config_yaml: str,
@@ -59,7 +62,7 @@ def train_recognizer(
     log_training(r, model, metrics, "recognizer")
 
 
-@dsl.component(base_image=TRAINER)
+@dsl.component(base_image=TRAINER, install_kfp_package=INSTALL_KFP)
 def train_dsr(
     dataset: Input[Dataset],
     recognizer: Input[Model],
@@ -88,7 +91,7 @@ def train_dsr(
     log_training(r, model, metrics, "dsr")
 
 
-@dsl.component(base_image=TRAINER)
+@dsl.component(base_image=TRAINER, install_kfp_package=INSTALL_KFP)
 def finetune_edgeface(
     dataset: Input[Dataset],
     recognizer: Input[Model],
@@ -117,7 +120,7 @@ def finetune_edgeface(
     log_training(r, model, metrics, "recognizer")
 
 
-@dsl.component(base_image=TRAINER)
+@dsl.component(base_image=TRAINER, install_kfp_package=INSTALL_KFP)
 def evaluate(
     dataset: Input[Dataset],
     recognizer: Input[Model],
@@ -140,7 +143,7 @@ def evaluate(
     log_evaluation(r, metrics, report)
 
 
-@dsl.component(base_image=TRAINER)
+@dsl.component(base_image=TRAINER, install_kfp_package=INSTALL_KFP)
 def evaluate_vlr(
     dataset: Input[Dataset],
     recognizer: Input[Model],
@@ -168,7 +171,7 @@ def evaluate_vlr(
     log_evaluation(r, metrics, report)
 
 
-@dsl.component(base_image=TRAINER)
+@dsl.component(base_image=TRAINER, install_kfp_package=INSTALL_KFP)
 def export(
     recognizer: Input[Model],
     dataset: Input[Dataset],
@@ -194,7 +197,7 @@ def export(
     log_export(r, repo_uri, repo)
 
 
-@dsl.component(base_image=TRAINER)
+@dsl.component(base_image=TRAINER, install_kfp_package=INSTALL_KFP)
 def export_vlr(
     recognizer: Input[Model],
     dsr: Input[Model],
@@ -222,7 +225,7 @@ def export_vlr(
     log_export(r, repo_uri, repo)
 
 
-@dsl.component(base_image=SLIM)
+@dsl.component(base_image=SLIM, install_kfp_package=INSTALL_KFP)
 def deploy(
     repo: Input[Model], dataset: Input[Dataset], triton_url: str, log_dir: str, metrics: Output[Metrics]
 ):

@@ -18,6 +18,7 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }  # this machine's pip.conf
   # --no-deps: the lock is the whole environment; a package missing from it fails the check below.
   quiet "${pip[@]}" install -q --no-deps -r constraints.txt
+  rm -rf ./*.egg-info  # a stale one in the checkout shadows the new metadata (extras) for importlib
   quiet "${pip[@]}" install -q --no-deps --no-build-isolation -e . >/dev/null
   "${pip[@]}" check
   .venv/bin/python scripts/check_lock.py
