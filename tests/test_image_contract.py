@@ -87,7 +87,7 @@ def imports_of(tree: ast.AST, module: str) -> set[str]:
                     : len(module.split(".")) - node.level + 1]
                 base = ".".join([*pkg, base] if base else pkg)
             found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names if importlib.util.find_spec_safe(f"{base}.{a.name}")}
+            found |= {f"{base}.{a.name}" for a in node.names if _find_spec_safe(f"{base}.{a.name}")}
     return found
 
 
@@ -101,9 +101,6 @@ def _find_spec_safe(name: str):
         return importlib.util.find_spec(name)
     except (ImportError, ValueError):
         return None
-
-
-importlib.util.find_spec_safe = _find_spec_safe  # type: ignore[attr-defined]
 
 
 def third_party_closure(roots: set[str]) -> set[str]:
