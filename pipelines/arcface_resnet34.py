@@ -1,7 +1,14 @@
 """arcface_resnet34: ingest -> IResNet-34 ArcFace training (seed 002's three phases) -> evaluate -> export."""
 
 from faceops.components import evaluate, export
-from faceops.pipelines.platform import ClusterConfig, apply, default_config_text, ingest_and_train
+from faceops.pipelines.platform import (
+    DATA_URI,
+    MODEL_REPO_URI,
+    ClusterConfig,
+    apply,
+    default_config_text,
+    ingest_and_train,
+)
 from kfp import dsl
 
 DEFAULT_CONFIG = "arcface_resnet34"
@@ -20,7 +27,8 @@ def build(cluster: ClusterConfig | None = None):
         config_yaml: str = default_yaml,
         source: str = "synth://",
         dataset_name: str = "faces",
-        store_uri: str = "s3://faceops",
+        store_uri: str = DATA_URI,
+        model_repo_uri: str = MODEL_REPO_URI,
         run_id: str = "arcface-resnet34",
         pairs_file: str = "",
         gpus_per_node: int = 1,
@@ -44,7 +52,7 @@ def build(cluster: ClusterConfig | None = None):
             recognizer=rec.outputs["model"],
             dataset=data,
             config_yaml=config_yaml,
-            repo_uri=f"{store_uri}/triton",
+            repo_uri=model_repo_uri,
             int8=int8,
             trt=trt,
             log_dir=log_dir,

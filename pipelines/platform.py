@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 
 from faceops.config import check
 
+# Defaults that match the Helm chart (charts/faceops values s3.buckets and triton.modelRepository):
+# datasets, checkpoints and reports go to the data bucket; exports go where the chart's Triton reads.
+DATA_URI = "s3://faceops-data"
+MODEL_REPO_URI = "s3://faceops-models/triton"
+
 
 @dataclass
 class ClusterConfig:

@@ -7,7 +7,14 @@ from faceops.components import (
     finetune_edgeface,
     train_dsr,
 )
-from faceops.pipelines.platform import ClusterConfig, apply, default_config_text, ingest_and_train
+from faceops.pipelines.platform import (
+    DATA_URI,
+    MODEL_REPO_URI,
+    ClusterConfig,
+    apply,
+    default_config_text,
+    ingest_and_train,
+)
 from kfp import dsl
 
 DEFAULT_CONFIG = "vlr_face"
@@ -26,7 +33,8 @@ def build(cluster: ClusterConfig | None = None):
         config_yaml: str = default_yaml,
         source: str = "synth://",
         dataset_name: str = "faces",
-        store_uri: str = "s3://faceops",
+        store_uri: str = DATA_URI,
+        model_repo_uri: str = MODEL_REPO_URI,
         run_id: str = "vlr-face",
         vlr_size: str = "32x32",
         pairs_file: str = "",
@@ -75,7 +83,7 @@ def build(cluster: ClusterConfig | None = None):
             dsr=dsr.outputs["model"],
             dataset=data,
             config_yaml=config_yaml,
-            repo_uri=f"{store_uri}/triton",
+            repo_uri=model_repo_uri,
             int8=int8,
             trt=trt,
             log_dir=log_dir,

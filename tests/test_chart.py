@@ -430,3 +430,20 @@ def test_triton_keeps_serving_when_one_model_fails_and_readiness_can_follow_a_mo
     c = triton({"triton": {"probes": {"readiness": {"model": "recognizer"}}}})
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/models/recognizer/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+
+
+@pytest.mark.parametrize("name", ["vlr_face", "arcface_resnet34"])
+def test_pipeline_defaults_use_the_charts_buckets_and_served_repository(chart, name):
+    """A pipeline that writes where the chart's Triton does not read never serves; a bucket the chart
+    does not create fails ingest."""
+    from faceops.run import pipeline_module
+
+    inputs = pipeline_module(name).build().component_spec.inputs
+    store, repo = inputs["store_uri"].default, inputs["model_repo_uri"].default
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert store.removeprefix("s3://").split("/")[0] in values["s3"]["buckets"]
+    triton = only(render(chart), "Deployment", "triton")["spec"]["template"]["spec"]["containers"][0]
+    served = next(a for a in triton["args"] if a.startswith("--model-repository="))
+    bucket_and_path = re.fullmatch(r"--model-repository=s3://(?:https?://)?[^/]+/(.+)", served).group(1)
+    assert repo == f"s3://{bucket_and_path}", f"{name} exports to {repo}, Triton reads {served}"
+    assert repo.removeprefix("s3://").split("/")[0] in values["s3"]["buckets"]

@@ -112,6 +112,7 @@ def run_local(name: str, *, config_file: str | None = None, overrides: list[str]
     (out_dir / "config.yaml").write_text(text)
     args = {"config_yaml": text, "source": data or "synth://",
             "dataset_name": Path(data).name if data else "synthetic", "store_uri": str(out_dir / "store"),
+            "model_repo_uri": str(out_dir / "store" / "triton"),
             "run_id": "run", "pairs_file": str(Path(pairs).resolve()) if pairs else "",
             "gpus_per_node": 0, "nodes": 1, "log_dir": str(out_dir / "logs"), **typed}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "kfp"),

@@ -368,7 +368,8 @@ class S3Store(ObjectStore):
             self._ready_buckets.discard(self._bucket_ident())
             return _MissingBucket(
                 f"bucket {self.bucket!r} does not exist at {endpoint}: create it (e.g. "
-                f"`mc mb <alias>/{self.bucket}`) or open the store with create_bucket=True"
+                f"`mc mb <alias>/{self.bucket}`; on the cluster add it to the chart's s3.buckets) or open "
+                "the store with create_bucket=True"
             )
         if code in CREDENTIAL_S3_CODES:
             return StoreError(
