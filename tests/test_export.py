@@ -16,8 +16,10 @@ from torch import nn
 from tritonclient.grpc import model_config_pb2 as mc
 
 from faceops.config import to_dict
+from faceops.data.degrade import DegradeConfig
 from faceops.data.prepare import PrepareConfig, prepare_face
 from faceops.data.tensors import to_input
+from faceops.evaluate import load_embedder, load_super_resolver
 from faceops.export import (
     CalibData,
     ExportConfig,
@@ -36,6 +38,7 @@ from faceops.export import (
     versions,
 )
 from faceops.models import DSRConfig, RecognizerConfig, create_dsr, create_recognizer
+from faceops.models.contract import ContractConflictError, InputContract, onnx_file_contract, triton_contract
 from faceops.storage import open_store
 
 torch.set_num_threads(1)
@@ -219,6 +222,56 @@ def test_export_model_from_checkpoints_and_cli(tmp_path, capsys):
     assert code == 1 and "needs a recognizer" in capsys.readouterr().err
 
 
+# -- the input contract ---------------------------------------------------------------------------
+REC_CONTRACT = InputContract(center_crop=120)
+DSR_CONTRACT = REC_CONTRACT.for_vlr("32x32", DegradeConfig(noise_std=(1.0, 3.0), jpeg_quality=(70, 95)))
+
+
+def contract_checkpoints(tmp_path: Path) -> tuple[str, str]:
+    """Recognizer and DSR checkpoints trained (as their contracts say) on 120 px crops."""
+    from faceops.train.checkpoint import save_checkpoint
+
+    rec = save_checkpoint(str(tmp_path / "rec.pt"), {
+        "kind": "recognizer", "model_config": to_dict(RecognizerConfig(name="edgeface_xxs")),
+        "model": tiny_recognizer().state_dict(), "input_contract": REC_CONTRACT.to_dict()})
+    dsr = save_checkpoint(str(tmp_path / "dsr.pt"), {
+        "kind": "dsr", "model_config": to_dict(DSRConfig(vlr_size="32x32", base_channels=16, residual_blocks=2)),
+        "vlr_size": "32x32", "model": tiny_dsr().state_dict(), "input_contract": DSR_CONTRACT.to_dict()})
+    return rec, dsr
+
+
+def test_onnx_files_and_triton_configs_carry_the_checkpoints_contract(tmp_path):
+    rec, dsr = contract_checkpoints(tmp_path)
+    repo = tmp_path / "repo"
+    export_model(rec, str(repo), dsr_uri=dsr)
+    expected = {"recognizer": REC_CONTRACT, "dsr": DSR_CONTRACT, "vlr_fused": DSR_CONTRACT, "vlr_face": DSR_CONTRACT}
+    for name, contract in expected.items():
+        config = mc.ModelConfig()  # Triton's own protobuf, parsed from the file Triton reads
+        text_format.Parse((repo / name / "config.pbtxt").read_text(), config)
+        assert triton_contract(config.parameters, name) == contract, name
+        if name != "vlr_face":  # an ensemble has no model file
+            assert onnx_file_contract(repo / name / "1" / "model.onnx") == contract, name
+    # evaluation reads it from the ONNX file as from the checkpoint
+    assert load_embedder(str(repo / "recognizer" / "1" / "model.onnx")).contract == REC_CONTRACT
+    onnx_dsr = str(tmp_path / "dsr.onnx")
+    (tmp_path / "dsr.onnx").write_bytes((repo / "dsr" / "1" / "model.onnx").read_bytes())
+    assert load_super_resolver(onnx_dsr).contract == DSR_CONTRACT
+
+
+def test_calibration_faces_prepared_unlike_the_model_are_refused(tmp_path, tiny_dataset):
+    rec, _ = contract_checkpoints(tmp_path)
+    with pytest.raises(ContractConflictError, match=r"center_crop = null.*center_crop = 120"):
+        export_model(rec, str(tmp_path / "repo"), calib_dataset=tiny_dataset)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_models_trained_on_different_faces_are_not_exported_together(tmp_path):
+    other = InputContract(center_crop=100).for_vlr("32x32", DegradeConfig())
+    with pytest.raises(ContractConflictError, match="center_crop = 120 but the 32x32 DSR model with center_crop = 100"):
+        export_modules(tiny_recognizer(), str(tmp_path / "repo"), {"32x32": tiny_dsr()}, contract=REC_CONTRACT,
+                       dsr_contracts={"32x32": other})
+
+
 # -- INT8 -----------------------------------------------------------------------------------------
 def test_int8_export_reports_accuracy_change_on_real_faces(tmp_path, data_dir):
     faces, labels = orl_faces(data_dir, people=6, per_person=4)
@@ -231,6 +284,8 @@ def test_int8_export_reports_accuracy_change_on_real_faces(tmp_path, data_dir):
     assert int8["accuracy_change"] == pytest.approx(int8["int8_accuracy"] - int8["fp32_accuracy"])
     graph = onnx.load(str(tmp_path / "repo" / "recognizer_int8" / "1" / "model.onnx")).graph
     assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # QDQ format
+    assert onnx_file_contract(tmp_path / "repo" / "recognizer_int8" / "1" / "model.onnx") == onnx_file_contract(
+        tmp_path / "repo" / "recognizer" / "1" / "model.onnx") == InputContract()  # assumed: none was given
     assert report["models"]["recognizer"]["parity"]["max_abs"] <= 1e-4  # parity ran on real faces
 
 

@@ -71,6 +71,27 @@ def test_seed_recipes():
         finetune_recipe("8x8")
 
 
+def test_default_model_loads_official_edgeface_weights_strictly(tmp_path):
+    """The official EdgeFace-XXS (otroshi/edgeface: timm edgenext_xx_small, classifier reset to 512,
+    held as ``model``) loads into the fine-tune's default architecture with strict loading."""
+    import timm
+    import torch.nn.functional as F
+
+    from faceops.models.pretrained import load_pretrained
+
+    torch.manual_seed(0)
+    official = timm.create_model("edgenext_xx_small", pretrained=False)
+    official.reset_classifier(512)
+    official.eval()
+    torch.save({"model." + k: v for k, v in official.state_dict().items()}, tmp_path / "edgeface_xxs.pt")
+    model = create_recognizer(FinetuneConfig().model).eval()
+    report = load_pretrained(model, tmp_path / "edgeface_xxs.pt", strict=True)
+    assert report.ok and not report.initialized
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), F.normalize(official(x), dim=1), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("size", ["32x32", "14x16"])
 def test_stage1_trains_only_the_heads_stage2_the_backbone(size, tiny_dataset, start_ckpts, tmp_path):
     torch.set_num_threads(1)

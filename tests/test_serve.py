@@ -21,11 +21,13 @@ import torch
 from PIL import Image
 from tritonclient.grpc import model_config_pb2 as mc
 
-from faceops.data.prepare import PrepareConfig, prepare_face
+from faceops.data.degrade import DegradeConfig
+from faceops.data.prepare import prepare_face
 from faceops.data.tensors import to_input, to_input_numpy
 from faceops.export import ExportConfig, export_modules, parse_config, run_onnx
 from faceops.export.onnx_export import FusedVLR
 from faceops.models import DSRConfig, RecognizerConfig, create_dsr, create_recognizer
+from faceops.models.contract import ContractConflictError, InputContract
 from faceops.serve import (
     FaceClient,
     Gallery,
@@ -34,6 +36,7 @@ from faceops.serve import (
     ModelNotFoundError,
     ServerError,
     ServerUnavailableError,
+    build_gallery,
     materialise,
 )
 from faceops.serve.local import free_port
@@ -41,6 +44,9 @@ from faceops.storage import LocalStore
 
 pytest.importorskip("pytriton", reason="the local Triton needs nvidia-pytriton: pip install 'faceops[serve]'")
 torch.set_num_threads(1)
+#: the served models were "trained" on 80 px centre crops (ORL faces are 92x112: far from the default)
+CONTRACT = InputContract(center_crop=80)
+DSR_CONTRACT = CONTRACT.for_vlr("32x32", DegradeConfig(sizes=["32x32"]))
 
 
 def orl(data_dir: Path, person: int, k: int) -> Path:
@@ -52,7 +58,7 @@ def orl_faces(data_dir: Path, people: int, per_person: int) -> tuple[np.ndarray,
     for p in range(1, people + 1):
         for k in range(1, per_person + 1):
             with Image.open(orl(data_dir, p, k)) as img:
-                faces.append(prepare_face(img, PrepareConfig()))
+                faces.append(prepare_face(img, CONTRACT.prepare_config()))
             names.append(f"s{p}")
             ids.append(f"s{p}/{k}")
     return np.stack(faces), names, ids
@@ -70,7 +76,8 @@ def models():
 def repo(models, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("serve") / "repo"
     cfg = ExportConfig(max_batch_size=32, preferred_batch_sizes=[8, 16, 32], max_queue_delay_us=5000)
-    export_modules(models[0], str(path), {"32x32": models[1]}, cfg)
+    export_modules(models[0], str(path), {"32x32": models[1]}, cfg, contract=CONTRACT,
+                   dsr_contracts={"32x32": DSR_CONTRACT})
     return path
 
 
@@ -113,7 +120,7 @@ def settled_counters(server: LocalTriton, model: str, timeout_s: float = 15.0) -
 # -- numerics -------------------------------------------------------------------------------------
 def test_grpc_embeddings_equal_ort_in_process_and_pytorch(client, models, repo, data_dir):
     faces, _, _ = orl_faces(data_dir, people=3, per_person=3)
-    served = client.embed(faces)
+    served = client.embed(faces, prepared=True)
     x = to_input_numpy(faces)
     in_process = run_onnx(repo / "recognizer" / "1" / "model.onnx", x)
     with torch.no_grad():
@@ -123,14 +130,34 @@ def test_grpc_embeddings_equal_ort_in_process_and_pytorch(client, models, repo, 
     np.testing.assert_allclose(served, eager, atol=1e-4, rtol=0)
 
 
-def test_image_paths_are_prepared_like_ingest_and_http_matches_grpc(server, client, data_dir):
+def test_image_paths_are_prepared_per_the_served_contract_and_http_matches_grpc(server, client, data_dir):
+    """The client reads the input contract from the server's model config and crops as it says."""
+    assert client.contract() == CONTRACT and client.contract("vlr_face") == DSR_CONTRACT
     paths = [orl(data_dir, 1, 1), orl(data_dir, 2, 1)]
     with Image.open(paths[0]) as a, Image.open(paths[1]) as b:
-        prepared = np.stack([prepare_face(a, PrepareConfig()), prepare_face(b, PrepareConfig())])
+        prepared = np.stack([prepare_face(a, CONTRACT.prepare_config()), prepare_face(b, CONTRACT.prepare_config())])
     from_paths = client.embed(paths)  # ORL is 92x112: HR (only images below 112 on both sides are VLR)
-    np.testing.assert_allclose(from_paths, client.embed(prepared), atol=1e-6)
-    over_http = FaceClient(server.http_url, protocol="http").embed(paths)
-    np.testing.assert_allclose(over_http, from_paths, atol=1e-6)
+    np.testing.assert_allclose(from_paths, client.infer("recognizer", to_input_numpy(prepared)), atol=1e-6)
+    over_http = FaceClient(server.http_url, protocol="http")
+    assert over_http.contract() == CONTRACT
+    np.testing.assert_allclose(over_http.embed(paths), from_paths, atol=1e-6)
+
+
+def test_a_client_option_contradicting_the_served_contract_names_both(server, client, data_dir, tiny_dataset,
+                                                                      capsys):
+    from faceops.cli import main
+
+    told = FaceClient(server.grpc_url, prepare={"center_crop": 90})
+    with pytest.raises(ContractConflictError, match=r"center_crop = 90.*center_crop = 80"):
+        told.embed([orl(data_dir, 1, 1)])
+    agreeing = FaceClient(server.grpc_url, prepare={"center_crop": 80})
+    np.testing.assert_allclose(agreeing.embed([orl(data_dir, 1, 1)]), client.embed([orl(data_dir, 1, 1)]))
+    capsys.readouterr()  # --dataset states the dataset's preparation: the synthetic one has no crop
+    assert main(["embed", str(orl(data_dir, 1, 1)), "--url", server.grpc_url, "--dataset", tiny_dataset]) == 2
+    err = capsys.readouterr().err
+    assert "center_crop = null" in err and "center_crop = 80" in err, err
+    with pytest.raises(ContractConflictError, match=r"prepare\.center_crop = null.*center_crop = 80"):
+        build_gallery(client, tiny_dataset)
 
 
 def test_vlr_face_equals_dsr_then_recognizer(client, models, data_dir):
@@ -146,7 +173,7 @@ def test_vlr_face_equals_dsr_then_recognizer(client, models, data_dir):
     with torch.no_grad():
         eager = FusedVLR(*reversed(models))(to_input(vlr)).numpy()
     np.testing.assert_allclose(ensemble, eager, atol=1e-4)
-    forced = client.embed(faces, vlr=True)  # HR faces degraded like ingest (bicubic to 32x32)
+    forced = client.embed(faces, vlr=True, prepared=True)  # HR faces degraded like ingest (bicubic to 32x32)
     np.testing.assert_allclose(forced, ensemble, atol=1e-5)
 
 
@@ -270,16 +297,20 @@ def test_no_servable_model_is_an_error_naming_each_failure(repo, tmp_path):
 # -- verify / identify / gallery ------------------------------------------------------------------
 def test_verify_and_identify_against_a_stored_gallery(client, data_dir, tmp_path):
     faces, names, ids = orl_faces(data_dir, people=4, per_person=3)
-    embeddings = client.embed(faces)
+    embeddings = client.embed(faces, prepared=True)
     labels = np.array([sorted(set(names)).index(n) for n in names])
-    uri = Gallery(embeddings, labels, sorted(set(names)), ids).save(str(tmp_path / "gallery.npz"))
+    uri = Gallery(embeddings, labels, sorted(set(names)), ids, CONTRACT).save(str(tmp_path / "gallery.npz"))
     gallery = Gallery.load(uri)
+    assert gallery.contract == CONTRACT
     matches = client.identify(orl(data_dir, 3, 2), gallery, top_k=3)  # an enrolled image: itself ranks first
     assert [m.identity for m in matches][0] == "s3" and matches[0].image_id == "s3/2"
     assert matches[0].score == pytest.approx(1.0, abs=1e-5) and len(matches) == 3
     assert len({m.identity for m in matches}) == 3  # one entry per identity
     same = client.verify(orl(data_dir, 1, 1), orl(data_dir, 1, 1), threshold=0.99)
     assert same.same and same.score == pytest.approx(1.0, abs=1e-5)
+    other = Gallery(embeddings, labels, sorted(set(names)), ids, InputContract())  # built from uncropped faces
+    with pytest.raises(ContractConflictError, match="gallery was built from faces with center_crop = null"):
+        client.identify(orl(data_dir, 3, 2), other)
 
 
 # -- local serving copy and the CLI ---------------------------------------------------------------
@@ -364,13 +395,15 @@ def test_cli_gallery_build_and_identify_on_an_ingested_dataset(server, data_dir,
     for p in range(1, 9):
         (source / f"s{p}").symlink_to(data_dir / "orl" / f"s{p}")
     cfg = from_dict(IngestConfig, {"degrade": {"sizes": ["32x32"]}, "pairs_per_split": 10, "workers": 1,
-                                   "splits": {"train": 0.5, "val": 0.25, "test": 0.25}})
+                                   "splits": {"train": 0.5, "val": 0.25, "test": 0.25},
+                                   "prepare": {"center_crop": CONTRACT.center_crop}})
     dataset = ingest(str(source), "orl8", str(tmp_path / "store"), cfg, progress=False).uri
     gallery_uri = f"{dataset.rsplit('/datasets/', 1)[0]}/galleries/orl8-test.npz"
     url = server.grpc_url
     assert main(["gallery", "build", dataset, "--out", gallery_uri, "--url", url, "--dataset", dataset]) == 0
     gallery = Gallery.load(gallery_uri)
     assert gallery.embeddings.shape == (len(gallery.labels), 512) and len(gallery.identities) >= 2
+    assert gallery.contract == CONTRACT
     enrolled = gallery.image_ids[0]  # an enrolled test image ("s3/1.pgm"): it must come back first
     identity = gallery.identities[gallery.labels[0]]
     capsys.readouterr()

@@ -38,15 +38,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-missing", action="store_true",
                    help="--images mode: drop pairs whose image file is missing instead of failing")
     add_config_args(p, "evaluate", "evaluate.batch_size=32")
-    p.epilog = ("--config FILE: section 'evaluate' (batch_size, flip, n_folds, seed, ...) and, for --images, "
-                "section 'ingest' (prepare, degrade) so faces are prepared exactly as at ingest; --set "
-                "overrides keys of the 'evaluate' section.")
+    p.epilog = ("--config FILE: section 'evaluate' (batch_size, flip, n_folds, seed, ...); --set overrides its "
+                "keys. --images faces are prepared as the models' input contracts say (crop, size, "
+                "normalisation, VLR degradation: recorded at training), so no ingest config is needed; keys "
+                "given under 'ingest.prepare' / 'ingest.degrade' must agree with the models (an error names "
+                "both values otherwise) and are what a model saved without a contract is assumed to take.")
     p.set_defaults(func=run_evaluate)
+
+
+def _stated_preparation(path: str | None) -> tuple[dict, dict]:
+    """The ``ingest.prepare`` / ``ingest.degrade`` keys the config file states (checked and typed by
+    the ingest section's own loader): only what a user wrote can contradict a model."""
+    from faceops.data.ingest import IngestConfig
+
+    if not path:
+        return {}, {}
+    ingest_cfg = config.load(IngestConfig, path, section="ingest")
+    section = config.read_yaml(path).get("ingest") or {}
+    stated = {}
+    for name in ("prepare", "degrade"):
+        given = section.get(name) or {}
+        typed = config.to_dict(getattr(ingest_cfg, name))
+        stated[name] = {k: typed[k] for k in given if k in typed}
+    return stated["prepare"], stated["degrade"]
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from faceops.config import ConfigError
-    from faceops.data.ingest import IngestConfig
     from faceops.evaluate import EvalConfig, evaluate, summary_table
 
     if args.images and not args.pairs:
@@ -58,10 +76,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         cfg.flip = True
     if args.skip_missing:
         cfg.skip_missing = True
-    ingest_cfg = config.load(IngestConfig, args.config, section="ingest")
+    prepare, degrade = _stated_preparation(args.config)
     metrics = evaluate(args.model, args.out, data=args.data, split=args.split, images=args.images,
                        pairs=args.pairs, dsr=args.dsr, finetuned=args.finetuned, vlr=args.vlr, cfg=cfg,
-                       prepare=ingest_cfg.prepare, degrade=ingest_cfg.degrade)
+                       prepare=prepare, degrade=degrade)
     print(summary_table(metrics))
     print(f"wrote {args.out}/metrics.json and {args.out}/report.html")
     return 0

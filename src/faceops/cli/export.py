@@ -18,7 +18,8 @@ def register(subparsers) -> None:
                    help="export format (onnx; INT8 and TensorRT are --int8 / --trt on top of it)")
     p.add_argument("--int8", action="store_true", help="also an INT8 model, calibrated on --dataset")
     p.add_argument("--trt", action="store_true", help="also TensorRT engines (skipped without a CUDA device)")
-    p.add_argument("--dataset", metavar="URI", help="dataset whose val split gives parity/calibration faces")
+    p.add_argument("--dataset", metavar="URI", help="dataset whose val split gives parity/calibration faces; "
+                   "it must be prepared as the model was trained (its input contract), else an error names both")
     p.add_argument("--repo", required=True, metavar="URI", help="Triton model repository (path or s3://)")
     add_config_args(p, "export", "export.opset=18")
     p.set_defaults(func=main)

@@ -66,8 +66,10 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     p.add_argument("--retries", type=int, default=3, help="retries while the server is unavailable")
     p.add_argument("--vlr", action="store_true", help="treat the images as very-low-resolution (vlr_face)")
-    p.add_argument("--dataset", metavar="URI", help="take the face preparation (crop/size) from this "
-                   "dataset's manifest; default: ingest's defaults")
+    p.add_argument("--dataset", metavar="URI", help="expect the served model to take faces prepared as this "
+                   "dataset's were (its manifest's crop/size): an error names both if it does not. Faces are "
+                   "always prepared as the served model's input contract says; for a model serving without "
+                   "one, this is what it is assumed to take (default: ingest's defaults)")
 
 
 def _client(args: argparse.Namespace):
@@ -78,15 +80,12 @@ def _client(args: argparse.Namespace):
 
 
 def _prepare_config(dataset: str | None):
-    from faceops.config import from_dict
-    from faceops.data.prepare import PrepareConfig
-
+    """The preparation ``--dataset`` states (None: none stated; the served model's contract decides)."""
     if not dataset:
-        return PrepareConfig()
-    from faceops.data.manifest import load_manifest
+        return None
+    from faceops.models.contract import dataset_contract
 
-    section = (load_manifest(dataset).get("config") or {}).get("prepare") or {}
-    return from_dict(PrepareConfig, section, f"{dataset} manifest config.prepare")
+    return dataset_contract(dataset).prepare_config()
 
 
 def _vlr(args) -> bool | None:

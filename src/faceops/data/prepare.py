@@ -1,4 +1,9 @@
-"""Face preparation to the HR size: the one function used at ingest, evaluation and serving."""
+"""Face preparation to the HR size: the one function used at ingest, evaluation and serving.
+
+A model trained on faces prepared with a :class:`PrepareConfig` records it as its input contract
+(:mod:`faceops.models.contract`), so evaluation and serving prepare faces the same way without
+being told.
+"""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Two sources give the same :class:`EvalSet`: a faceops dataset split (already prepared at ingest) and
 a folder of LFW-layout images with a pairs file (prepared here exactly as ingest prepares them:
-same :func:`prepare_face`, same seeded :func:`degrade`, seeded by the file's sha256 as at ingest).
+same :func:`prepare_face`, same seeded :func:`degrade`, seeded by the file's sha256 as at ingest,
+with the crop and degradation the models' input contracts give: see :mod:`.runner`).
 """
 
 from __future__ import annotations

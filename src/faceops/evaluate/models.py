@@ -3,8 +3,9 @@
 Evaluation never branches on the format: a faceops checkpoint (rebuilt by
 :func:`faceops.train.checkpoint.load_model`) and its ONNX export (ONNX Runtime, tensor names from the
 serving contract: recognizer ``input`` -> ``embedding``, DSR ``input`` -> ``output``) give the same
-numbers. Images go in as stored uint8 NHWC and are converted by :mod:`faceops.data.tensors`, the one
-conversion shared with training and serving.
+numbers. Images go in as stored uint8 NHWC and are converted as each model's input contract says
+(:mod:`faceops.models.contract`: recorded in checkpoints and ONNX metadata); a model without one is
+assumed to take ingest's defaults, with a warning.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from faceops.data.tensors import to_input, to_uint8
+from faceops.data.tensors import to_uint8
 from faceops.errors import FaceopsError
+from faceops.models.contract import InputContract, from_checkpoint, onnx_contract
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,11 @@ def onnx_session(uri: str):
         raise ModelError(f"{uri}: not a loadable ONNX model ({exc})") from exc
 
 
+def session_contract(session, uri: str) -> InputContract | None:
+    """The input contract in an ONNX Runtime session's model metadata (None when it has none)."""
+    return onnx_contract(session.get_modelmeta().custom_metadata_map, uri)
+
+
 def onnx_forward(session, output: str) -> Forward:
     names_in = [i.name for i in session.get_inputs()]
     names_out = [o.name for o in session.get_outputs()]
@@ -105,7 +112,8 @@ def _load_checkpoint(uri: str, kind: str) -> tuple[nn.Module, dict]:
 class Embedder:
     """uint8 faces [N, H, W, 3] -> L2-normalised float32 embeddings [N, D], batched.
 
-    With ``flip`` the embedding is the normalised sum of the image's and its mirror's embeddings.
+    With ``flip`` the embedding is the sum of the image's and its mirror's raw embeddings, then
+    L2-normalised (insightface's flip test: a confident view weighs more than a doubtful one).
     """
 
     forward: Forward
@@ -113,6 +121,8 @@ class Embedder:
     batch_size: int = 64
     flip: bool = False
     arch: str = ""  # the architecture (checkpoint's model_config.name), the `model` label of its metrics
+    contract: InputContract | None = None  # as recorded in the model; None: it records none
+    input_contract: InputContract = InputContract()  # what inputs are prepared by (see faceops.models.contract)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         if len(images) == 0:
@@ -121,11 +131,10 @@ class Embedder:
         return np.concatenate(out)
 
     def _batch(self, images: np.ndarray) -> np.ndarray:
-        x = to_input(np.ascontiguousarray(images)).numpy()
+        x = self.input_contract.to_input(images)
         emb = self.forward(x).astype(np.float64)
         if self.flip:
-            mirrored = self.forward(np.ascontiguousarray(x[..., ::-1])).astype(np.float64)
-            emb = _normalise(emb) + _normalise(mirrored)
+            emb = emb + self.forward(np.ascontiguousarray(x[..., ::-1])).astype(np.float64)
         if not np.isfinite(emb).all():
             raise ModelError(f"{self.name} produced NaN/Inf embeddings (a diverged checkpoint?)")
         return _normalise(emb).astype(np.float32)
@@ -138,11 +147,17 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 def load_embedder(uri: str, batch_size: int = 64, flip: bool = False, device: str = "auto") -> Embedder:
     """A recognizer from a faceops checkpoint or an ``.onnx`` file."""
     if is_onnx(uri):
-        forward, arch = onnx_forward(onnx_session(uri), ONNX_EMBEDDING), Path(uri).stem
+        session = onnx_session(uri)
+        forward, arch, contract = onnx_forward(session, ONNX_EMBEDDING), Path(uri).stem, session_contract(session, uri)
     else:
         module, meta = _load_checkpoint(uri, "recognizer")
         forward, arch = torch_forward(module, device), (meta.get("model_config") or {}).get("name", "")
-    return Embedder(forward, name=Path(uri).name, batch_size=batch_size, flip=flip, arch=arch)
+        contract = from_checkpoint(meta, uri)
+    if contract is not None and contract.vlr_size is not None:
+        raise ModelError(f"{uri} takes {contract.vlr_size} VLR faces (its input contract), not HR faces: "
+                         "it is not a recognizer")
+    return Embedder(forward, name=Path(uri).name, batch_size=batch_size, flip=flip, arch=arch, contract=contract,
+                    input_contract=contract or InputContract())
 
 
 # -- super-resolver ------------------------------------------------------------------------------
@@ -154,13 +169,19 @@ class SuperResolver:
     vlr_size: str  # "WxH" of the input it was trained for
     name: str = "dsr"
     batch_size: int = 64
+    contract: InputContract | None = None  # as recorded in the model; None: it records none
+    input_contract: InputContract | None = None  # what inputs are prepared by; None: ingest's defaults
+
+    def __post_init__(self) -> None:
+        if self.input_contract is None:
+            self.input_contract = InputContract(vlr_size=self.vlr_size)
 
     def upscale(self, vlr: np.ndarray) -> np.ndarray:
         if len(vlr) == 0:
             raise ValueError("no images to super-resolve")
         out = []
         for i in range(0, len(vlr), self.batch_size):
-            y = self.forward(to_input(np.ascontiguousarray(vlr[i : i + self.batch_size])).numpy())
+            y = self.forward(self.input_contract.to_input(vlr[i : i + self.batch_size]))
             if not np.isfinite(y).all():
                 raise ModelError(f"{self.name} produced NaN/Inf images (a diverged checkpoint?)")
             out.append(to_uint8(torch.from_numpy(y)))
@@ -181,13 +202,19 @@ def load_super_resolver(uri: str, batch_size: int = 64, device: str = "auto") ->
     VLR size read from its input shape)."""
     if is_onnx(uri):
         session = onnx_session(uri)
-        return SuperResolver(onnx_forward(session, ONNX_SR_OUTPUT), _onnx_vlr_size(session, uri),
-                             name=Path(uri).name, batch_size=batch_size)
-    module, meta = _load_checkpoint(uri, "dsr")
-    size = meta.get("vlr_size") or (meta.get("model_config") or {}).get("vlr_size")
-    if not size:
-        raise ModelError(f"{uri}: DSR checkpoint does not record its vlr_size")
-    return SuperResolver(torch_forward(module, device), str(size), name=Path(uri).name, batch_size=batch_size)
+        forward, size, contract = (onnx_forward(session, ONNX_SR_OUTPUT), _onnx_vlr_size(session, uri),
+                                   session_contract(session, uri))
+    else:
+        module, meta = _load_checkpoint(uri, "dsr")
+        size = meta.get("vlr_size") or (meta.get("model_config") or {}).get("vlr_size")
+        if not size:
+            raise ModelError(f"{uri}: DSR checkpoint does not record its vlr_size")
+        forward, contract = torch_forward(module, device), from_checkpoint(meta, uri)
+    if contract is not None and contract.vlr_size != str(size):
+        raise ModelError(f"{uri}: its input contract says {contract.vlr_size} VLR faces but the model takes "
+                         f"{size}")
+    return SuperResolver(forward, str(size), name=Path(uri).name, batch_size=batch_size, contract=contract,
+                         input_contract=contract)
 
 
 def super_resolvers_by_size(uris: list[str], batch_size: int = 64,

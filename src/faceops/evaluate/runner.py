@@ -11,19 +11,24 @@ Settings evaluated (ARCHITECTURE.md, "Evaluation output"):
 
 The verification threshold is never chosen on the pairs it scores: fold-wise when the pairs have
 folds, else on the val split's pairs, else on seeded folds (see :mod:`.verification`).
+
+Faces are prepared as the models' input contracts say (:mod:`faceops.models.contract`): ``--images``
+needs no ingest config, one that contradicts the models is an error naming both values, and a dataset
+ingested differently from how the models were trained is refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from faceops.config import check
+from faceops.config import check, from_dict
 from faceops.data.degrade import DegradeConfig, parse_size, upsample_bicubic
 from faceops.data.prepare import PrepareConfig
 from faceops.errors import FaceopsError
@@ -40,6 +45,18 @@ from faceops.evaluate.report import Curve, write_report
 from faceops.evaluate.sr_metrics import sr_metrics
 from faceops.evaluate.verification import verification_metrics
 from faceops.metrics import MetricsConfig, publish_evaluation, run_id_for
+from faceops.models.contract import (
+    DEGRADE_FIELDS,
+    PREPARE_FIELDS,
+    ContractConflictError,
+    InputContract,
+    assume,
+    check_agrees,
+    dataset_contract,
+    explicit_fields,
+    shared_preparation,
+    shown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +95,15 @@ class Models:
 def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str = "test",
              images: str | None = None, pairs: str | None = None, dsr: Sequence[str] = (),
              finetuned: str | None = None, vlr: Sequence[str] = (), cfg: EvalConfig | None = None,
-             prepare: PrepareConfig | None = None, degrade: DegradeConfig | None = None,
-             run_id: str | None = None) -> dict:
+             prepare: PrepareConfig | Mapping[str, Any] | None = None,
+             degrade: DegradeConfig | Mapping[str, Any] | None = None, run_id: str | None = None) -> dict:
     """Evaluate and write ``out/metrics.json`` and ``out/report.html``; returns the metrics dict.
 
-    Exactly one of ``data`` (dataset URI) or ``images`` + ``pairs`` is given. ``prepare``/``degrade``
-    apply to ``images`` mode (a dataset was prepared at ingest). Without ``vlr`` the DSR models'
-    own sizes are evaluated. Every figure is also set as ``faceops_eval_metric`` (label ``run_id``:
+    Exactly one of ``data`` (dataset URI) or ``images`` + ``pairs`` is given. ``images`` are prepared
+    as the models' input contracts say; ``prepare``/``degrade`` (a config: every field; a mapping:
+    the keys given) only state what the caller expects, and one that contradicts a model is an error
+    (for a model without a contract they are what it is assumed to take). Without ``vlr`` the DSR
+    models' own sizes are evaluated. Every figure is also set as ``faceops_eval_metric`` (label ``run_id``:
     ``run_id``, default :func:`~faceops.metrics.run_id_for` of ``out``) and pushed when a
     Pushgateway is configured (``cfg.metrics`` or ``FACEOPS_PUSHGATEWAY``).
     """
@@ -102,11 +121,16 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
         parse_size(s)
     if dsr:
         require_sizes(models.dsr, sizes)
+    explicit, option = explicit_fields(prepare, degrade), OPTION
+    if data is not None and not _recorded(models):  # old models: the dataset's faces are what they get
+        explicit, option = explicit_fields(dataset_contract(data).prepare_config()), f"dataset {data}"
+    hr_contract, degrade_cfg = apply_contracts(models, explicit, sizes, option)
     if data is not None:
+        check_dataset(data, models, hr_contract)
         eval_data = from_dataset(data, split, sizes)
     else:
-        eval_data = from_images(images, pairs, prepare or PrepareConfig(), degrade or DegradeConfig(),
-                                sizes, cfg.skip_missing)
+        eval_data = from_images(images, pairs, hr_contract.prepare_config(), degrade_cfg, sizes,
+                                cfg.skip_missing)
     log.info("evaluating %s: %d faces, %d pairs", eval_data.source, len(eval_data.test),
              len(eval_data.test.pairs))
     metrics, curves, grids = _run(eval_data, models, sizes, cfg)
@@ -115,7 +139,7 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     info = {"model": model, "data": eval_data.source, "faces": len(eval_data.test),
             "pairs": len(eval_data.test.pairs), "flip": cfg.flip, "dsr": list(dsr), "finetuned": finetuned,
-            "threshold protocol": _protocol(eval_data, cfg)}
+            "input contract": hr_contract.describe(), "threshold protocol": _protocol(eval_data, cfg)}
     write_report(out, metrics, curves, grids, info, cfg.hist_bins)
     publish_evaluation(metrics, run_id or run_id_for(str(out)), models.recognizer.arch or models.recognizer.name,
                        cfg.metrics)
@@ -127,6 +151,73 @@ def _load_models(model: str, dsr: list[str], finetuned: str | None, cfg: EvalCon
     ft = load_embedder(finetuned, cfg.batch_size, cfg.flip, cfg.device) if finetuned else None
     by_size = super_resolvers_by_size(dsr, cfg.batch_size, cfg.device)
     return Models(rec, by_size, ft)
+
+
+OPTION = "the given face preparation (--config ingest.prepare / ingest.degrade)"
+
+
+def _recorded(models: Models) -> list:
+    """The models that record an input contract."""
+    candidates = [models.recognizer, models.finetuned, *models.dsr.values()]
+    return [m for m in candidates if m is not None and m.contract is not None]
+
+
+def apply_contracts(models: Models, explicit: Mapping[str, Any], sizes: list[str],
+                    option: str = OPTION) -> tuple[InputContract, DegradeConfig]:
+    """Set every model's ``input_contract`` from what it records; returns the HR preparation they
+    share and the VLR degradation for ``--images`` (the DSR models', else ``explicit``'s, else
+    ingest's defaults). Models that disagree, or an ``explicit`` value that contradicts one, fail."""
+    embedders = [("--model", models.recognizer)] + ([("--finetuned", models.finetuned)] if models.finetuned else [])
+    named = [(f"{flag} {e.name}", e.contract) for flag, e in embedders]
+    named += [(f"--dsr {sr.name}", sr.contract) for sr in models.dsr.values()]
+    shared = shared_preparation(named, explicit, option)
+    for (_, e), contract in zip(embedders, shared, strict=False):
+        e.input_contract = e.contract or contract
+    hr = shared[0]
+    degradation = _shared_degradation(models, {k: v for k, v in explicit.items() if k in DEGRADE_FIELDS}, option)
+    for sr in models.dsr.values():
+        sr.input_contract = sr.contract or assume(f"--dsr {sr.name}", degradation, option, base=hr,
+                                                  vlr_size=sr.vlr_size)
+    given = {k: list(v) if isinstance(v, tuple) else v for k, v in degradation.items()}
+    return hr, from_dict(DegradeConfig, {**given, "sizes": list(sizes)}, option)
+
+
+def _shared_degradation(models: Models, explicit: dict[str, Any], option: str) -> dict[str, Any]:
+    """The degradation fields every DSR model records (they must agree, and with ``explicit``);
+    ``explicit`` when none records one."""
+    recorded = [(f"--dsr {sr.name}", sr.contract) for sr in models.dsr.values() if sr.contract is not None]
+    for label, contract in recorded:
+        check_agrees(contract, explicit, label, option)
+    for (label, a), (other, b) in zip(recorded, recorded[1:], strict=False):
+        diff = a.differences(b, DEGRADE_FIELDS)
+        if diff:
+            name, x, y = diff[0]
+            raise ContractConflictError(f"{label} was trained on VLR faces with {name} = {shown(x)} but {other} "
+                                        f"with {name} = {shown(y)}: evaluate them in separate runs")
+    return {f: getattr(recorded[0][1], f) for f in DEGRADE_FIELDS} if recorded else explicit
+
+
+def check_dataset(dataset_uri: str, models: Models, hr: InputContract) -> None:
+    """A dataset's faces were prepared at ingest: refuse one prepared unlike the models were trained."""
+    from faceops.data.manifest import load_manifest
+
+    recorded = _recorded(models)
+    if not recorded:
+        return
+    manifest = load_manifest(dataset_uri)
+    ingested = InputContract.from_manifest(manifest, source=f"{dataset_uri} manifest")
+    diff = ingested.differences(hr, PREPARE_FIELDS)
+    if diff:
+        name, got, want = diff[0]
+        raise ContractConflictError(
+            f"dataset {dataset_uri} was ingested with prepare.{name} = {shown(got)}, but {recorded[0].name} was "
+            f"trained with {name} = {shown(want)} (its input contract): evaluate on a dataset ingested with "
+            f"ingest.prepare.{name}={shown(want)}, or on the images with --images DIR --pairs FILE")
+    for sr in (sr for sr in models.dsr.values() if sr.contract is not None):
+        ingested_vlr = InputContract.from_manifest(manifest, sr.vlr_size, f"{dataset_uri} manifest")
+        for name, got, want in ingested_vlr.differences(sr.contract, DEGRADE_FIELDS):
+            log.warning("dataset %s degraded its VLR faces with %s = %s, but %s was trained on %s = %s",
+                        dataset_uri, name, got, sr.name, name, want)
 
 
 def _protocol(data: EvalData, cfg: EvalConfig) -> str:

@@ -6,6 +6,10 @@ Extras beside the contract, each with the recognizer's tensor names and shapes:
 ``recognizer_trt`` / ``recognizer_trt_int8`` (tensorrt_plan, only where an engine was built).
 With several DSR models (one per VLR size) the size-specific ones are ``dsr_<WxH>``,
 ``vlr_face_<WxH>`` and ``vlr_fused_<WxH>``; with one they take the plain contract names.
+
+Every model carries its input contract (:mod:`faceops.models.contract`) in its ONNX metadata and its
+``config.pbtxt`` parameters: the recognizer's (HR faces) on the recognizer-like models, the DSR
+model's (VLR faces) on ``dsr``, ``vlr_fused`` and ``vlr_face``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import torch
 from torch import nn
 
 from faceops.data import degrade
-from faceops.data.tensors import to_input
 from faceops.errors import FaceopsError
 from faceops.export import int8 as int8_mod
 from faceops.export import tensorrt as trt_mod
@@ -38,6 +41,16 @@ from faceops.export.triton_repo import (
     model_config,
     publish,
     validate_repository,
+)
+from faceops.models.contract import (
+    InputContract,
+    assume,
+    check_agrees,
+    dataset_contract,
+    explicit_fields,
+    from_checkpoint,
+    shared_preparation,
+    write_onnx_contract,
 )
 from faceops.storage import open_store
 
@@ -69,9 +82,10 @@ class CalibData:
         return cls(hr=data.hr, vlr=dict(data.vlr), pairs=list(data.pairs))
 
 
-def _batch(images: np.ndarray | None, dims: tuple[int, int, int], n: int, what: str) -> torch.Tensor:
+def _batch(images: np.ndarray | None, dims: tuple[int, int, int], n: int, what: str,
+           contract: InputContract) -> torch.Tensor:
     if images is not None and len(images):
-        return to_input(images[:n])
+        return torch.from_numpy(contract.to_input(images[:n]))
     log.warning("parity for %s runs on a seeded random batch: pass a dataset for real faces", what)
     gen = torch.Generator().manual_seed(0)
     return torch.rand((n, *dims), generator=gen) * 2 - 1
@@ -84,29 +98,48 @@ def _names(sizes: list[str]) -> dict[str, tuple[str, str, str]]:
     return {s: (f"dsr_{s}", f"vlr_face_{s}", f"vlr_fused_{s}") for s in sizes}
 
 
+def _contracts_for(recognizer: InputContract | None, dsrs: dict[str, InputContract | None]) -> tuple[
+        InputContract, dict[str, InputContract]]:
+    """The contracts to export with: the recorded ones, which must agree on the HR face (the ensemble
+    feeds the DSR output to the recognizer); a model recording none is assumed to take the others'."""
+    for size, c in dsrs.items():
+        if c is not None and c.vlr_size != size:
+            raise FaceopsError(f"the {size} DSR model's input contract says it takes {c.vlr_size} faces")
+    named = [("the recognizer", recognizer), *((f"the {s} DSR model", c) for s, c in dsrs.items())]
+    hr = shared_preparation(named)[0]
+    return hr, {s: c or assume(f"the {s} DSR model", base=hr, vlr_size=s) for s, c in dsrs.items()}
+
+
 def export_modules(recognizer: nn.Module, repo_uri: str, dsrs: dict[str, nn.Module] | None = None,
                    cfg: ExportConfig | None = None, calib: CalibData | None = None, int8: bool = False,
-                   trt: bool = False, work_dir: str | Path | None = None) -> dict:
-    """Export in-memory models (see :func:`export_model`); returns paths, versions and parity figures."""
+                   trt: bool = False, work_dir: str | Path | None = None, contract: InputContract | None = None,
+                   dsr_contracts: dict[str, InputContract] | None = None) -> dict:
+    """Export in-memory models (see :func:`export_model`); returns paths, versions and parity figures.
+
+    ``contract`` / ``dsr_contracts`` (per VLR size): the models' input contracts, written into every
+    ONNX file and Triton config; a model given none is assumed to take ingest's defaults (warned)."""
     cfg = cfg or ExportConfig()
+    contract, vlr_contracts = _contracts_for(contract, {s: (dsr_contracts or {}).get(s) for s in sorted(dsrs or {})})
     store = open_store(repo_uri)
     tmp = tempfile.TemporaryDirectory(prefix="faceops-export-") if work_dir is None else None
     work = Path(work_dir or tmp.name)
     report: dict = {"repo": store.uri, "models": {}}
     pending: list = []  # models are staged and published only once every gate has passed
     try:
-        hr_batch = _batch(calib.hr if calib else None, HR_DIMS, cfg.parity_batch, "recognizer")
+        hr_batch = _batch(calib.hr if calib else None, HR_DIMS, cfg.parity_batch, "recognizer", contract)
         emb = embedding_spec(embedding_dim(recognizer, hr_batch))
         rec_path = export_onnx(recognizer, work / "recognizer.onnx", hr_batch[:1], "recognizer", cfg)
+        write_onnx_contract(rec_path, contract)
         parity = check_parity("recognizer", rec_path, recognizer, hr_batch, cfg)
-        _publish(pending, model_config("recognizer", "onnxruntime_onnx", IN_SPEC, emb, cfg),
+        _publish(pending, model_config("recognizer", "onnxruntime_onnx", IN_SPEC, emb, cfg, contract=contract),
                  rec_path, parity.as_dict())
-        int8_path = _export_int8(pending, report, rec_path, calib, cfg, work, emb) if int8 else None
+        int8_path = _export_int8(pending, report, rec_path, calib, cfg, work, emb, contract) if int8 else None
         for size, names in _names(sorted(dsrs or {})).items():
-            _export_vlr(pending, report, recognizer, dsrs[size], size, names, calib, cfg, work, emb)
+            _export_vlr(pending, report, recognizer, dsrs[size], size, names, calib, cfg, work, emb,
+                        vlr_contracts[size])
         if trt:
             report["tensorrt"] = _export_trt(pending, report, recognizer, rec_path, int8_path, hr_batch, cfg,
-                                             work, emb)
+                                             work, emb, contract)
         plan = publish(store, [(config, model_file) for config, model_file, _ in pending], cfg.num_versions)
         for config, _, parity in pending:
             version = plan[config.name]
@@ -120,7 +153,7 @@ def export_modules(recognizer: nn.Module, repo_uri: str, dsrs: dict[str, nn.Modu
 
 
 def _export_int8(pending, report: dict, rec_path: Path, calib: CalibData | None, cfg: ExportConfig,
-                 work: Path, emb: list[TensorSpec]) -> Path:
+                 work: Path, emb: list[TensorSpec], contract: InputContract) -> Path:
     if calib is None:
         raise FaceopsError("--int8 needs calibration faces: pass the dataset (calib_dataset / --dataset) "
                            "whose val split calibrates and scores the INT8 model")
@@ -128,31 +161,34 @@ def _export_int8(pending, report: dict, rec_path: Path, calib: CalibData | None,
     n_cal = min(len(calib.hr), cfg.int8_calib_images)
     accuracy = int8_mod.int8_accuracy_change(rec_path, int8_path, calib.hr, calib.pairs, n_cal, cfg)
     report["int8"] = accuracy.as_dict()
-    _publish(pending, model_config("recognizer_int8", "onnxruntime_onnx", IN_SPEC, emb, cfg),
+    _publish(pending, model_config("recognizer_int8", "onnxruntime_onnx", IN_SPEC, emb, cfg, contract=contract),
              int8_path, None)
     return int8_path
 
 
 def _export_vlr(pending, report: dict, recognizer: nn.Module, dsr: nn.Module, size: str,
                 names: tuple[str, str, str], calib: CalibData | None, cfg: ExportConfig, work: Path,
-                emb: list[TensorSpec]) -> None:
-    """DSR model, fused DSR->recognizer model and the ensemble for one VLR size."""
+                emb: list[TensorSpec], contract: InputContract) -> None:
+    """DSR model, fused DSR->recognizer model and the ensemble for one VLR size (all take the DSR
+    model's VLR faces: ``contract``)."""
     dsr_name, ens_name, fused_name = names
     w, h = degrade.parse_size(size)
     vlr_dims = (3, h, w)
     vlr_spec = [TensorSpec("input", vlr_dims)]
-    vlr_batch = _batch(calib.vlr.get(size) if calib else None, vlr_dims, cfg.parity_batch, dsr_name)
+    vlr_batch = _batch(calib.vlr.get(size) if calib else None, vlr_dims, cfg.parity_batch, dsr_name, contract)
     dsr_path = export_onnx(dsr, work / f"{dsr_name}.onnx", vlr_batch[:1], "dsr", cfg)
+    write_onnx_contract(dsr_path, contract)
     parity = check_parity(dsr_name, dsr_path, dsr, vlr_batch, cfg)
-    _publish(pending, model_config(dsr_name, "onnxruntime_onnx", vlr_spec,
-                                         [TensorSpec("output", HR_DIMS)], cfg), dsr_path, parity.as_dict())
+    _publish(pending, model_config(dsr_name, "onnxruntime_onnx", vlr_spec, [TensorSpec("output", HR_DIMS)], cfg,
+                                   contract=contract), dsr_path, parity.as_dict())
     fused = FusedVLR(dsr, recognizer, cfg.vlr_resize_mode)
     fused_path = export_onnx(fused, work / f"{fused_name}.onnx", vlr_batch[:1], "vlr_fused", cfg)
+    write_onnx_contract(fused_path, contract)
     parity = check_parity(fused_name, fused_path, fused, vlr_batch, cfg)
-    _publish(pending, model_config(fused_name, "onnxruntime_onnx", vlr_spec, emb, cfg),
+    _publish(pending, model_config(fused_name, "onnxruntime_onnx", vlr_spec, emb, cfg, contract=contract),
              fused_path, parity.as_dict())
-    _publish(pending, ensemble_config(ens_name, dsr_name, "recognizer", vlr_dims, cfg, emb[0].dims[0]), None,
-             None)
+    _publish(pending, ensemble_config(ens_name, dsr_name, "recognizer", vlr_dims, cfg, emb[0].dims[0],
+                                      contract=contract), None, None)
 
 
 def _publish(pending: list, config, model_file, parity: dict | None) -> None:
@@ -160,7 +196,7 @@ def _publish(pending: list, config, model_file, parity: dict | None) -> None:
 
 
 def _export_trt(pending, report, recognizer, rec_path, int8_path, hr_batch, cfg: ExportConfig,
-                work: Path, emb: list[TensorSpec]) -> dict:
+                work: Path, emb: list[TensorSpec], contract: InputContract) -> dict:
     reason = trt_mod.unavailable_reason()
     if reason:
         print(f"TensorRT: {reason}; the ONNX models are exported and served as usual")
@@ -173,7 +209,7 @@ def _export_trt(pending, report, recognizer, rec_path, int8_path, hr_batch, cfg:
     for name, onnx_path, is_int8 in builds:
         engine = trt_mod.build_engine(onnx_path, work / f"{name}.plan", cfg, HR_DIMS, int8=is_int8)
         parity = trt_mod.check_engine_parity(name, engine, reference, hr_batch, cfg)
-        _publish(pending, model_config(name, "tensorrt_plan", IN_SPEC, emb, cfg, "KIND_GPU"),
+        _publish(pending, model_config(name, "tensorrt_plan", IN_SPEC, emb, cfg, "KIND_GPU", contract),
                  engine, parity.as_dict())
     return {"status": "built", "device": torch.cuda.get_device_name(0)}
 
@@ -185,6 +221,8 @@ def export_model(model_uri: str, repo_uri: str, formats: tuple[str, ...] | list[
 
     Returns ``{"repo", "models": {name: {version, platform, uri, parity}}, "int8"?, "tensorrt"?}``.
     Raises :class:`~faceops.export.onnx_export.ParityError` when a graph does not reproduce PyTorch.
+    The input contracts come from the checkpoints; ``calib_dataset`` must have been prepared as they
+    say (a contradiction is an error naming both), and is what an old checkpoint is assumed to take.
     """
     from faceops.train.checkpoint import load_model
 
@@ -196,13 +234,30 @@ def export_model(model_uri: str, repo_uri: str, formats: tuple[str, ...] | list[
     if meta.get("kind") != "recognizer":
         raise FaceopsError(f"{model_uri} is a {meta.get('kind')!r} checkpoint; --model needs a recognizer")
     dsrs: dict[str, nn.Module] = {}
+    dsr_contracts: dict[str, InputContract | None] = {}
     for uri in [dsr_uri] if isinstance(dsr_uri, str) else list(dsr_uri or []):
         module, dmeta = load_model(uri)
         size = dmeta.get("vlr_size") or (dmeta.get("model_config") or {}).get("vlr_size")
         if dmeta.get("kind") != "dsr" or not size:
             raise FaceopsError(f"{uri} is not a DSR checkpoint with a vlr_size (kind {dmeta.get('kind')!r})")
         dsrs[str(size)] = module
+        dsr_contracts[str(size)] = from_checkpoint(dmeta, uri)
+    contract = from_checkpoint(meta, model_uri)
+    if calib_dataset:
+        contract = _calibration_agrees(calib_dataset, model_uri, contract)
     calib = CalibData.from_dataset(calib_dataset) if calib_dataset else None
-    report = export_modules(recognizer, repo_uri, dsrs, cfg, calib, int8=int8, trt=trt)
+    report = export_modules(recognizer, repo_uri, dsrs, cfg, calib, int8=int8, trt=trt, contract=contract,
+                            dsr_contracts=dsr_contracts)
     report["source"] = {"model": model_uri, "dsr": dsr_uri, "dataset": calib_dataset}
     return report
+
+
+def _calibration_agrees(dataset_uri: str, model_uri: str, contract: InputContract | None) -> InputContract:
+    """The calibration faces were prepared at ingest: they must be what the recognizer takes. For a
+    checkpoint without a contract, the dataset's preparation is what it is assumed to take."""
+    option = f"--dataset {dataset_uri} (its ingest preparation)"
+    ingested = explicit_fields(dataset_contract(dataset_uri).prepare_config())
+    if contract is None:
+        return assume(model_uri, ingested, option)
+    check_agrees(contract, ingested, model_uri, option)
+    return contract

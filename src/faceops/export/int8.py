@@ -2,7 +2,8 @@
 
 Calibrated on real validation faces; the verification accuracy of the INT8 model is measured at the
 FP32 model's threshold (the one a deployment uses) and the drop is gated by
-``ExportConfig.int8_max_accuracy_drop``.
+``ExportConfig.int8_max_accuracy_drop``. Faces are normalised as the FP32 file's input contract says,
+and the INT8 file carries the same contract.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from faceops.data.tensors import to_input_numpy
 from faceops.errors import FaceopsError
 from faceops.export.config import ExportConfig
 from faceops.export.onnx_export import ort_session, run_onnx
+from faceops.models.contract import InputContract, onnx_file_contract, write_onnx_contract
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,16 @@ class Int8Report:
 class _Calibration:
     """onnxruntime CalibrationDataReader over uint8 NHWC faces, in small batches."""
 
-    def __init__(self, input_name: str, images: np.ndarray, batch: int = 8):
+    def __init__(self, input_name: str, images: np.ndarray, contract: InputContract, batch: int = 8):
         self.input_name, self.images, self.batch, self.pos = input_name, images, batch, 0
+        self.contract = contract
 
     def get_next(self):
         if self.pos >= len(self.images):
             return None
         chunk = self.images[self.pos:self.pos + self.batch]
         self.pos += self.batch
-        return {self.input_name: to_input_numpy(chunk)}
+        return {self.input_name: self.contract.to_input(chunk)}
 
     def rewind(self) -> None:
         self.pos = 0
@@ -67,11 +69,14 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calib_images: np
                            f"{calib_images.shape}")
     images = calib_images[: cfg.int8_calib_images]
     name = ort_session(fp32_path).get_inputs()[0].name
+    contract = onnx_file_contract(fp32_path)
     quantize_static(
-        str(fp32_path), str(int8_path), _Calibration(name, images), quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-        calibrate_method=CalibrationMethod.MinMax,
+        str(fp32_path), str(int8_path), _Calibration(name, images, contract or InputContract()),
+        quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        per_channel=True, calibrate_method=CalibrationMethod.MinMax,
     )
+    if contract is not None:
+        write_onnx_contract(int8_path, contract)
     log.info("INT8 model -> %s (calibrated on %d images)", int8_path, len(images))
     return Path(int8_path)
 
@@ -93,8 +98,9 @@ def best_threshold(scores: np.ndarray, same: np.ndarray) -> tuple[float, float]:
 
 
 def embed_onnx(path: str | Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    sess = ort_session(path)
-    return np.concatenate([run_onnx(sess, to_input_numpy(images[i:i + batch]))
+    """Embeddings of uint8 faces, normalised as the file's input contract says."""
+    sess, contract = ort_session(path), onnx_file_contract(path) or InputContract()
+    return np.concatenate([run_onnx(sess, contract.to_input(images[i:i + batch]))
                            for i in range(0, len(images), batch)])
 
 

@@ -20,6 +20,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from faceops.errors import FaceopsError
 from faceops.export.config import ExportConfig
+from faceops.models.contract import InputContract, set_triton_parameters
 from faceops.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,13 @@ class TensorSpec:
 
 
 def model_config(name: str, platform: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
-                 cfg: ExportConfig, instance_kind: str | None = None) -> mc.ModelConfig:
-    """A ModelConfig for one ONNX/TensorRT model with the export's batching and instance settings."""
+                 cfg: ExportConfig, instance_kind: str | None = None,
+                 contract: InputContract | None = None) -> mc.ModelConfig:
+    """A ModelConfig for one ONNX/TensorRT model with the export's batching and instance settings, and
+    the model's input contract as ``parameters`` (what the client prepares faces by)."""
     c = mc.ModelConfig(name=name, platform=platform, max_batch_size=cfg.max_batch_size)
+    if contract is not None:
+        set_triton_parameters(c, contract)
     _add_tensors(c.input, inputs)
     _add_tensors(c.output, outputs)
     c.version_policy.latest.num_versions = cfg.num_versions
@@ -57,10 +62,13 @@ def model_config(name: str, platform: str, inputs: list[TensorSpec], outputs: li
 
 
 def ensemble_config(name: str, dsr: str, recognizer: str, vlr_dims: tuple[int, int, int],
-                    cfg: ExportConfig, embedding_dim: int) -> mc.ModelConfig:
+                    cfg: ExportConfig, embedding_dim: int, contract: InputContract | None = None) -> mc.ModelConfig:
     """``name``: VLR ``input`` -> ``dsr`` -> ``recognizer`` -> ``embedding`` [embedding_dim] (latest
-    versions; the width is the recognizer's, which the caller takes from the model)."""
+    versions; the width is the recognizer's, which the caller takes from the model); ``contract`` is
+    its input's, the DSR model's."""
     c = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=cfg.max_batch_size)
+    if contract is not None:
+        set_triton_parameters(c, contract)
     _add_tensors(c.input, [TensorSpec("input", vlr_dims)])
     _add_tensors(c.output, [TensorSpec("embedding", (embedding_dim,))])
     c.version_policy.latest.num_versions = cfg.num_versions

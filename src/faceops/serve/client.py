@@ -1,28 +1,30 @@
 """Triton client for faces: ``FaceClient.embed / verify / identify`` over gRPC (or HTTP).
 
-Preprocessing is the ingest's own (:func:`faceops.data.prepare.prepare_face` then
-:func:`faceops.data.tensors.to_input_numpy`), so served embeddings match evaluated ones. Images whose
-both sides are below the HR size (e.g. 32x32 crops; ORL's 92x112 is HR) are VLR and go to the
-``vlr_face`` ensemble, resized to its input size; ``vlr=True`` degrades HR faces the way ingest does.
-Server errors become :class:`ClientError` subclasses that name the URL, model and what was sent.
+Faces are prepared as the served model's input contract says (:mod:`faceops.models.contract`, read
+from its ``config.pbtxt`` parameters): ingest's own :func:`~faceops.data.prepare.prepare_face` with the
+crop and size the model was trained with, then its normalisation, so served embeddings match
+evaluated ones. Images whose both sides are below the HR size (e.g. 32x32 crops; ORL's 92x112 is HR)
+are VLR and go to the ``vlr_face`` ensemble, resized to its input size; ``vlr=True`` degrades HR faces
+the way the DSR model's training faces were. Server errors become :class:`ClientError` subclasses
+that name the URL, model and what was sent.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 
-from faceops.data.degrade import DegradeConfig, degrade
+from faceops.data.degrade import degrade
 from faceops.data.prepare import PrepareConfig, prepare_face
-from faceops.data.tensors import to_input_numpy
 from faceops.errors import FaceopsError
+from faceops.models.contract import InputContract, assume, explicit_fields, resolve, triton_contract
 
 ImageLike = str | Path | Image.Image | np.ndarray
 
@@ -67,21 +69,25 @@ class Match:
 class FaceClient:
     """Embeds, verifies and identifies faces against a Triton server (local or cluster).
 
+    ``prepare`` states the preparation the caller expects (a config: every field; a mapping: the keys
+    given): a served model whose input contract contradicts it is an error naming both values, and a
+    model serving without a contract is assumed to take it (ingest's defaults when not given).
     Thread-safe: each thread gets its own underlying tritonclient connection.
     """
 
     def __init__(self, url: str = "127.0.0.1:8001", protocol: Literal["grpc", "http"] = "grpc",
                  timeout: float = 10.0, retries: int = 3, retry_backoff_s: float = 0.25,
-                 batch_size: int = 32, prepare: PrepareConfig | None = None,
+                 batch_size: int = 32, prepare: PrepareConfig | Mapping[str, Any] | None = None,
                  recognizer: str = RECOGNIZER, vlr_model: str = VLR_MODEL):
         if protocol not in ("grpc", "http"):
             raise ClientError(f"protocol {protocol!r} is not one of grpc, http")
         self.url, self.protocol, self.timeout = url, protocol, timeout
         self.retries, self.retry_backoff_s, self.batch_size = retries, retry_backoff_s, batch_size
-        self.prepare = prepare or PrepareConfig()
+        self.stated = explicit_fields(prepare)
         self.recognizer, self.vlr_model = recognizer, vlr_model
         self._local = threading.local()
         self._vlr_size: tuple[int, int] | None = None
+        self._contracts: dict[str, InputContract] = {}
 
     # -- transport ----------------------------------------------------------------------------
     def _client(self):
@@ -178,6 +184,38 @@ class FaceClient:
         """Width D of the recognizer's embedding, from the server's metadata."""
         return int(self.model_metadata(self.recognizer)["outputs"][0]["shape"][-1])
 
+    def model_config(self, model: str) -> dict:
+        """The server's config of ``model`` as JSON (``parameters`` hold its input contract)."""
+        def fetch() -> dict:
+            if self.protocol == "grpc":
+                return self._client().get_model_config(model, as_json=True)["config"]
+            return self._client().get_model_config(model)
+
+        return self._call(f"config of {model}", model, fetch)
+
+    def contract(self, model: str | None = None) -> InputContract:
+        """The input contract of ``model`` (default: the recognizer), read once from the server;
+        checked against ``prepare``. The ``vlr_face`` model without one is assumed to take the
+        recognizer's faces, degraded by ingest's defaults to its input size."""
+        model = model or self.recognizer
+        if model not in self._contracts:
+            where = f"Triton model '{model}' at {self.url}"
+            params = self.model_config(model).get("parameters") or {}
+            recorded = triton_contract(params, where)
+            option = "the client's prepare option (--dataset)"
+            if recorded is None and model == self.vlr_model:
+                w, h = self.vlr_size()
+                found = assume(where, None, option, base=self.contract(), vlr_size=f"{w}x{h}")
+            else:
+                found = resolve(recorded, where, self.stated, option)
+            self._contracts[model] = found
+        return self._contracts[model]
+
+    @property
+    def prepare(self) -> PrepareConfig:
+        """The face preparation of the served recognizer (from its input contract)."""
+        return self.contract().prepare_config()
+
     # -- faces --------------------------------------------------------------------------------
     def vlr_size(self) -> tuple[int, int]:
         """(w, h) of the ``vlr_face`` ensemble's input, read once from the server."""
@@ -186,18 +224,21 @@ class FaceClient:
             self._vlr_size = (w, h)
         return self._vlr_size
 
-    def embed(self, images: Sequence[ImageLike] | np.ndarray, vlr: bool | None = None) -> np.ndarray:
+    def embed(self, images: Sequence[ImageLike] | np.ndarray, vlr: bool | None = None,
+              prepared: bool = False) -> np.ndarray:
         """L2-normalised float32 [N, D] embeddings of ``images`` (paths, PIL images, uint8 arrays).
 
         ``vlr``: None routes each image by size; True sends every image through ``vlr_face``
-        (degrading HR faces like ingest); False sends every image to the recognizer.
+        (degrading HR faces like the DSR model's training faces); False sends every image to the
+        recognizer. Images are prepared per the model's input contract, unless ``prepared``: then HR
+        ones are taken as already prepared faces (a dataset's, say) and must be of the contract's size.
         """
-        items = list(images)  # a uint8 NHWC array iterates as HWC faces
+        items = [_load(item) for item in images]  # every file read before the server is asked anything
         if not items:
             return np.zeros((0, self.embedding_dim()), np.float32)
         hr_idx, hr_faces, vlr_idx, vlr_faces = [], [], [], []
         for i, item in enumerate(items):
-            face, is_vlr = self._prepare(item, vlr)
+            face, is_vlr = self._prepare(item, vlr, prepared)
             (vlr_idx if is_vlr else hr_idx).append(i)
             (vlr_faces if is_vlr else hr_faces).append(face)
         out: np.ndarray | None = None
@@ -211,20 +252,28 @@ class FaceClient:
         return out
 
     def _embed_batches(self, model: str, faces: np.ndarray) -> np.ndarray:
-        return np.concatenate([self.infer(model, to_input_numpy(faces[i:i + self.batch_size]))
+        contract = self.contract(model)
+        return np.concatenate([self.infer(model, contract.to_input(faces[i:i + self.batch_size]))
                                for i in range(0, len(faces), self.batch_size)])
 
-    def _prepare(self, item: ImageLike, vlr: bool | None) -> tuple[np.ndarray, bool]:
-        img = _load(item)
+    def _prepare(self, img: Image.Image, vlr: bool | None, prepared: bool = False) -> tuple[np.ndarray, bool]:
         w, h = img.size
-        hr = self.prepare.hr_size
+        contract = self.contract()
+        hr = contract.hr_size
         is_vlr = (w < hr and h < hr) if vlr is None else vlr
+        if prepared and (w >= hr or h >= hr) and (w, h) != (hr, hr):
+            raise InvalidInputError(f"prepared faces must be {hr}x{hr} (the input contract of '{self.recognizer}' "
+                                    f"at {self.url}: {contract.describe()}), got {w}x{h}")
         if not is_vlr:
-            return prepare_face(img, self.prepare), False
+            return (np.asarray(img.convert("RGB"), dtype=np.uint8) if prepared and (w, h) == (hr, hr)
+                    else prepare_face(img, contract.prepare_config())), False
         vw, vh = self.vlr_size()
         size = f"{vw}x{vh}"
-        if w >= hr or h >= hr:  # an HR face asked to go VLR: degrade exactly like ingest
-            return degrade(prepare_face(img, self.prepare), size, DegradeConfig(sizes=[size]), seed=0), True
+        if w >= hr or h >= hr:  # an HR face asked to go VLR: degrade it as the DSR model's faces were
+            vlr_contract = self.contract(self.vlr_model)
+            face = (np.asarray(img.convert("RGB"), dtype=np.uint8) if prepared
+                    else prepare_face(img, vlr_contract.prepare_config()))
+            return degrade(face, size, vlr_contract.degrade_config([size]), seed=0), True
         img = img.convert("RGB")
         if img.size != (vw, vh):
             img = img.resize((vw, vh), Image.Resampling.BICUBIC)
@@ -242,6 +291,7 @@ class FaceClient:
 
         if not isinstance(gallery, Gallery):
             gallery = Gallery.load(str(gallery))
+        gallery.check_contract(self.contract(), f"Triton model '{self.recognizer}' at {self.url}")
         return gallery.search(self.embed([image], vlr=vlr)[0], top_k)
 
 

@@ -1,4 +1,9 @@
-"""Identification gallery: embeddings + labels of known faces, stored as one npz in the store."""
+"""Identification gallery: embeddings + labels of known faces, stored as one npz in the store.
+
+A gallery records the input contract of the model that embedded it (how its faces were prepared):
+it is built only from a dataset prepared as the served model takes faces, and searched only with
+queries prepared the same way, so enrolled and query embeddings are comparable.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from faceops.errors import FaceopsError
+from faceops.models.contract import (
+    HR_FIELDS,
+    PREPARE_FIELDS,
+    ContractConflictError,
+    InputContract,
+    dataset_contract,
+    shown,
+)
 from faceops.storage import split_uri
 
 
@@ -26,6 +39,18 @@ class Gallery:
     labels: np.ndarray  # int64 [N], index into identities
     identities: list[str]  # name of each label
     image_ids: list[str]  # the dataset image of each row
+    contract: InputContract | None = None  # how its faces were prepared; None: built before contracts
+
+    def check_contract(self, served: InputContract, model: str) -> None:
+        """Queries prepared by ``served`` must be prepared as the enrolled faces were."""
+        if self.contract is None:
+            return
+        diff = self.contract.differences(served, HR_FIELDS)
+        if diff:
+            name, enrolled, query = diff[0]
+            raise ContractConflictError(
+                f"the gallery was built from faces with {name} = {shown(enrolled)}, but {model} takes {name} = "
+                f"{shown(query)}: rebuild it with 'faceops gallery build' against this server")
 
     def search(self, query: np.ndarray, top_k: int = 5):
         """Identities ranked by their best cosine to ``query`` (one embedding)."""
@@ -45,9 +70,10 @@ class Gallery:
 
     def save(self, uri: str) -> str:
         buf = io.BytesIO()
+        extra = {} if self.contract is None else {"contract": np.array(json.dumps(self.contract.to_dict()))}
         np.savez(buf, embeddings=self.embeddings.astype(np.float32), labels=self.labels.astype(np.int64),
                  identities=np.array(json.dumps(self.identities)),
-                 image_ids=np.array(json.dumps(self.image_ids)))
+                 image_ids=np.array(json.dumps(self.image_ids)), **extra)
         store, key = object_of(uri)
         store.put_bytes(key, buf.getvalue())
         return store.url(key)
@@ -57,22 +83,35 @@ class Gallery:
         store, key = object_of(uri)
         try:
             with np.load(io.BytesIO(store.get_bytes(key)), allow_pickle=False) as z:
+                contract = (InputContract.from_dict(json.loads(str(z["contract"])), uri) if "contract" in z.files
+                            else None)
                 return cls(z["embeddings"], z["labels"], json.loads(str(z["identities"])),
-                           json.loads(str(z["image_ids"])))
+                           json.loads(str(z["image_ids"])), contract)
         except (KeyError, ValueError) as exc:
             raise FaceopsError(f"{uri} is not a faceops gallery (npz with embeddings, labels, identities, "
                                f"image_ids): {exc}") from None
 
 
 def build_gallery(client, dataset_uri: str, split: str = "test", vlr: bool | None = None) -> Gallery:
-    """Embed every HR image of ``split`` through ``client`` (the served model)."""
+    """Embed every HR image of ``split`` through ``client`` (the served model). The dataset's faces
+    were prepared at ingest: they are sent as they are, and must be what the served model takes."""
     from faceops.data.reader import load_split
 
+    served = client.contract()
+    ingested = dataset_contract(dataset_uri)
+    diff = ingested.differences(served, PREPARE_FIELDS)
+    if diff:
+        name, got, want = diff[0]
+        raise ContractConflictError(
+            f"{dataset_uri} was ingested with prepare.{name} = {shown(got)}, but the served model "
+            f"'{client.recognizer}' at {client.url} was trained with {name} = {shown(want)} (its input "
+            f"contract): enrol a dataset ingested with ingest.prepare.{name}={shown(want)}")
     data = load_split(dataset_uri, split, views=["hr"])
     if len(data) == 0:
         raise FaceopsError(f"{dataset_uri} split {split!r} has no images to build a gallery from")
-    embeddings = client.embed(data.hr, vlr=vlr)
-    return Gallery(embeddings.astype(np.float32), data.labels, list(data.identities), list(data.image_ids))
+    embeddings = client.embed(data.hr, vlr=vlr, prepared=True)
+    return Gallery(embeddings.astype(np.float32), data.labels, list(data.identities), list(data.image_ids),
+                   served.hr_part())
 
 
 def threshold_from_metrics(uri: str) -> float:

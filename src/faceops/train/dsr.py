@@ -30,6 +30,7 @@ from faceops.data.tensors import to_input, to_uint8
 from faceops.errors import FaceopsError
 from faceops.evaluate.sr_metrics import identity_cosine, psnr, ssim
 from faceops.models import DSRConfig, create_dsr, parse_size
+from faceops.models.contract import checkpoint_entry
 from faceops.train.engine import EngineConfig, FitResult, OptimConfig, ScheduleConfig, resolve_device
 from faceops.train.losses import DSRLoss, DSRLossConfig, RecognizerStages, loss_config_for
 from faceops.train.recognizer import embed_arrays, fit_task
@@ -152,8 +153,12 @@ class DSRTask:
         return {**sr_figures("val", sr, hr, self._embed(sr), self._hr_emb), **self._baseline}
 
     def checkpoint_meta(self) -> dict:
+        """The architecture, the VLR size and the input contract: the dataset's face preparation and
+        the degradation that made the VLR faces this model learnt to undo."""
+        if not hasattr(self, "_contract_meta"):  # read once: the dataset is immutable
+            self._contract_meta = checkpoint_entry(self.cfg.data, self.cfg.vlr_size)
         return {"model_config": to_dict(self.cfg.model), "vlr_size": self.cfg.vlr_size,
-                "hr_size": self.cfg.model.hr_size, "recognizer": self.recognizer_uri}
+                "hr_size": self.cfg.model.hr_size, "recognizer": self.recognizer_uri, **self._contract_meta}
 
 
 # -- entry point ------------------------------------------------------------------------------------

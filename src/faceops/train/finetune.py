@@ -68,8 +68,9 @@ class FinetuneConfig:
     pretrained: str | None = None  # or: a user's EdgeFace weights file (state_dict or TorchScript)
     pretrained_init_missing: bool = False  # initialise (and list) keys missing from `pretrained` (seed 004)
     reuse_head: bool = True  # take init_from's margin head when it was trained on the same dataset
-    model: RecognizerConfig = field(default_factory=lambda: RecognizerConfig(name="edgeface_xxs"))
-    #   architecture for `pretrained` (ignored with init_from, whose checkpoint names it)
+    model: RecognizerConfig = field(default_factory=lambda: RecognizerConfig(name="edgeface_xxs", head="linear"))
+    #   architecture for `pretrained` (ignored with init_from, whose checkpoint names it); the official
+    #   EdgeFace head (one Linear), so official weights load strictly
     margin: MarginHeadConfig = field(default_factory=MarginHeadConfig)  # ArcFace s=32 m=0.3 (seed 004);
     #   the 32x32 recipe uses m=0.45
     label_smoothing: float = 0.08  # seed 003 32x32

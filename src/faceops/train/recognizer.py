@@ -21,6 +21,7 @@ from faceops.data.tensors import to_input
 from faceops.errors import FaceopsError
 from faceops.evaluate.verification import verification_metrics
 from faceops.models import MarginHeadConfig, RecognizerConfig, create_margin_head, create_recognizer
+from faceops.models.contract import checkpoint_entry
 from faceops.models.pretrained import load_pretrained
 from faceops.train.engine import (
     Engine,
@@ -137,8 +138,12 @@ class RecognizerTask:
         return validate_embeddings(emb, self.val)
 
     def checkpoint_meta(self) -> dict:
+        """What a checkpoint needs beyond weights: the architecture, and the input contract (the
+        training dataset's face preparation), so nothing downstream guesses how to prepare faces."""
+        if not hasattr(self, "_contract_meta"):  # read once: the dataset is immutable
+            self._contract_meta = checkpoint_entry(self.cfg.data)
         return {"model_config": to_dict(self.cfg.model), "num_classes": self.head.num_classes,
-                "input_view": self.input_view}
+                "input_view": self.input_view, **self._contract_meta}
 
 
 def run_id_for(out: str) -> str:
