@@ -49,15 +49,26 @@ CONTRACT = InputContract(center_crop=80)
 DSR_CONTRACT = CONTRACT.for_vlr("32x32", DegradeConfig(sizes=["32x32"]))
 
 
-def orl(data_dir: Path, person: int, k: int) -> Path:
-    return data_dir / "orl" / f"s{person}" / f"{k}.pgm"
+@pytest.fixture(scope="module")
+def faces_root(tmp_path_factory) -> Path:
+    """Synthetic faces (8 people x 4 images, 128 px so the contract's crop matters): serving
+    numerics need faces, not real ones, so these tests never skip for want of data."""
+    from faceops.data.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("faces"), identities=8, images_per_identity=4, seed=3, size=128,
+                      progress=False)
 
 
-def orl_faces(data_dir: Path, people: int, per_person: int) -> tuple[np.ndarray, list[str], list[str]]:
+def face(root: Path, person: int, k: int) -> Path:
+    """Image ``k`` (1-based) of person ``person`` (1-based)."""
+    return root / f"id_{person - 1:04d}" / f"{k - 1:04d}.png"
+
+
+def face_batch(root: Path, people: int, per_person: int) -> tuple[np.ndarray, list[str], list[str]]:
     faces, names, ids = [], [], []
     for p in range(1, people + 1):
         for k in range(1, per_person + 1):
-            with Image.open(orl(data_dir, p, k)) as img:
+            with Image.open(face(root, p, k)) as img:
                 faces.append(prepare_face(img, CONTRACT.prepare_config()))
             names.append(f"s{p}")
             ids.append(f"s{p}/{k}")
@@ -118,8 +129,8 @@ def settled_counters(server: LocalTriton, model: str, timeout_s: float = 15.0) -
 
 
 # -- numerics -------------------------------------------------------------------------------------
-def test_grpc_embeddings_equal_ort_in_process_and_pytorch(client, models, repo, data_dir):
-    faces, _, _ = orl_faces(data_dir, people=3, per_person=3)
+def test_grpc_embeddings_equal_ort_in_process_and_pytorch(client, models, repo, faces_root):
+    faces, _, _ = face_batch(faces_root, people=3, per_person=3)
     served = client.embed(faces, prepared=True)
     x = to_input_numpy(faces)
     in_process = run_onnx(repo / "recognizer" / "1" / "model.onnx", x)
@@ -130,10 +141,10 @@ def test_grpc_embeddings_equal_ort_in_process_and_pytorch(client, models, repo, 
     np.testing.assert_allclose(served, eager, atol=1e-4, rtol=0)
 
 
-def test_image_paths_are_prepared_per_the_served_contract_and_http_matches_grpc(server, client, data_dir):
+def test_image_paths_are_prepared_per_the_served_contract_and_http_matches_grpc(server, client, faces_root):
     """The client reads the input contract from the server's model config and crops as it says."""
     assert client.contract() == CONTRACT and client.contract("vlr_face") == DSR_CONTRACT
-    paths = [orl(data_dir, 1, 1), orl(data_dir, 2, 1)]
+    paths = [face(faces_root, 1, 1), face(faces_root, 2, 1)]
     with Image.open(paths[0]) as a, Image.open(paths[1]) as b:
         prepared = np.stack([prepare_face(a, CONTRACT.prepare_config()), prepare_face(b, CONTRACT.prepare_config())])
     from_paths = client.embed(paths)  # ORL is 92x112: HR (only images below 112 on both sides are VLR)
@@ -143,25 +154,25 @@ def test_image_paths_are_prepared_per_the_served_contract_and_http_matches_grpc(
     np.testing.assert_allclose(over_http.embed(paths), from_paths, atol=1e-6)
 
 
-def test_a_client_option_contradicting_the_served_contract_names_both(server, client, data_dir, tiny_dataset,
+def test_a_client_option_contradicting_the_served_contract_names_both(server, client, faces_root, tiny_dataset,
                                                                       capsys):
     from faceops.cli import main
 
     told = FaceClient(server.grpc_url, prepare={"center_crop": 90})
     with pytest.raises(ContractConflictError, match=r"center_crop = 90.*center_crop = 80"):
-        told.embed([orl(data_dir, 1, 1)])
+        told.embed([face(faces_root, 1, 1)])
     agreeing = FaceClient(server.grpc_url, prepare={"center_crop": 80})
-    np.testing.assert_allclose(agreeing.embed([orl(data_dir, 1, 1)]), client.embed([orl(data_dir, 1, 1)]))
+    np.testing.assert_allclose(agreeing.embed([face(faces_root, 1, 1)]), client.embed([face(faces_root, 1, 1)]))
     capsys.readouterr()  # --dataset states the dataset's preparation: the synthetic one has no crop
-    assert main(["embed", str(orl(data_dir, 1, 1)), "--url", server.grpc_url, "--dataset", tiny_dataset]) == 2
+    assert main(["embed", str(face(faces_root, 1, 1)), "--url", server.grpc_url, "--dataset", tiny_dataset]) == 2
     err = capsys.readouterr().err
     assert "center_crop = null" in err and "center_crop = 80" in err, err
     with pytest.raises(ContractConflictError, match=r"prepare\.center_crop = null.*center_crop = 80"):
         build_gallery(client, tiny_dataset)
 
 
-def test_vlr_face_equals_dsr_then_recognizer(client, models, data_dir):
-    faces, _, _ = orl_faces(data_dir, people=2, per_person=2)
+def test_vlr_face_equals_dsr_then_recognizer(client, models, faces_root):
+    faces, _, _ = face_batch(faces_root, people=2, per_person=2)
     vlr = np.stack([np.asarray(Image.fromarray(f).resize((32, 32), Image.Resampling.BICUBIC)) for f in faces])
     assert client.vlr_size() == (32, 32)
     ensemble = client.embed(vlr)  # 32x32 images are routed to vlr_face
@@ -295,22 +306,22 @@ def test_no_servable_model_is_an_error_naming_each_failure(repo, tmp_path):
 
 
 # -- verify / identify / gallery ------------------------------------------------------------------
-def test_verify_and_identify_against_a_stored_gallery(client, data_dir, tmp_path):
-    faces, names, ids = orl_faces(data_dir, people=4, per_person=3)
+def test_verify_and_identify_against_a_stored_gallery(client, faces_root, tmp_path):
+    faces, names, ids = face_batch(faces_root, people=4, per_person=3)
     embeddings = client.embed(faces, prepared=True)
     labels = np.array([sorted(set(names)).index(n) for n in names])
     uri = Gallery(embeddings, labels, sorted(set(names)), ids, CONTRACT).save(str(tmp_path / "gallery.npz"))
     gallery = Gallery.load(uri)
     assert gallery.contract == CONTRACT
-    matches = client.identify(orl(data_dir, 3, 2), gallery, top_k=3)  # an enrolled image: itself ranks first
+    matches = client.identify(face(faces_root, 3, 2), gallery, top_k=3)  # an enrolled image: itself ranks first
     assert [m.identity for m in matches][0] == "s3" and matches[0].image_id == "s3/2"
     assert matches[0].score == pytest.approx(1.0, abs=1e-5) and len(matches) == 3
     assert len({m.identity for m in matches}) == 3  # one entry per identity
-    same = client.verify(orl(data_dir, 1, 1), orl(data_dir, 1, 1), threshold=0.99)
+    same = client.verify(face(faces_root, 1, 1), face(faces_root, 1, 1), threshold=0.99)
     assert same.same and same.score == pytest.approx(1.0, abs=1e-5)
     other = Gallery(embeddings, labels, sorted(set(names)), ids, InputContract())  # built from uncropped faces
     with pytest.raises(ContractConflictError, match="gallery was built from faces with center_crop = null"):
-        client.identify(orl(data_dir, 3, 2), other)
+        client.identify(face(faces_root, 3, 2), other)
 
 
 # -- local serving copy and the CLI ---------------------------------------------------------------
@@ -337,7 +348,7 @@ def test_materialised_copy_serves_onnx_through_python_backend(repo, tmp_path):
         (repo / "vlr_face" / "config.pbtxt").read_text())
 
 
-def test_cli_serve_starts_prints_endpoints_and_stops_on_sigterm(repo, data_dir, tmp_path, capsys):
+def test_cli_serve_starts_prints_endpoints_and_stops_on_sigterm(repo, faces_root, tmp_path, capsys):
     ports = [free_port() for _ in range(3)]
     entry = "import sys; from faceops.cli import main; sys.exit(main())"
     cmd = [sys.executable, "-c", entry, "serve", "--repo", str(repo), "--grpc-port", str(ports[0]),
@@ -357,15 +368,15 @@ def test_cli_serve_starts_prints_endpoints_and_stops_on_sigterm(repo, data_dir, 
         metrics.write_text('{"verification": {"threshold": 0.999}}')
         url = f"127.0.0.1:{ports[0]}"
         capsys.readouterr()
-        assert main(["verify", str(orl(data_dir, 1, 1)), str(orl(data_dir, 1, 1)), "--url", url,
+        assert main(["verify", str(face(faces_root, 1, 1)), str(face(faces_root, 1, 1)), "--url", url,
                      "--metrics", str(metrics)]) == 0
         assert capsys.readouterr().out.startswith("same person: score 1.0000 >= threshold 0.9990")
-        assert main(["verify", str(orl(data_dir, 1, 1)), str(orl(data_dir, 2, 1)), "--url", url,
+        assert main(["verify", str(face(faces_root, 1, 1)), str(face(faces_root, 2, 1)), "--url", url,
                      "--metrics", str(metrics)]) == 0
         assert capsys.readouterr().out.startswith("different people: score")
-        assert main(["verify", str(orl(data_dir, 1, 1)), str(orl(data_dir, 2, 1)), "--url", url]) == 1
+        assert main(["verify", str(face(faces_root, 1, 1)), str(face(faces_root, 2, 1)), "--url", url]) == 1
         assert "--metrics" in capsys.readouterr().err
-        assert main(["embed", str(orl(data_dir, 1, 1)), "--url", url, "--out", str(tmp_path / "e.npy")]) == 0
+        assert main(["embed", str(face(faces_root, 1, 1)), "--url", url, "--out", str(tmp_path / "e.npy")]) == 0
         assert np.load(tmp_path / "e.npy").shape == (1, 512)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -385,20 +396,20 @@ def test_serves_a_repository_read_from_s3(models, s3_bucket):
         np.testing.assert_allclose(served, models[0](torch.from_numpy(x)).numpy(), atol=1e-4)
 
 
-def test_cli_gallery_build_and_identify_on_an_ingested_dataset(server, data_dir, tmp_path, capsys):
+def test_cli_gallery_build_and_identify_on_an_ingested_dataset(server, faces_root, tmp_path, capsys):
     from faceops.cli import main
     from faceops.config import from_dict
     from faceops.data.ingest import IngestConfig, ingest
 
-    source = tmp_path / "orl"  # a few ORL people, linked (never copied) into a source folder
+    source = tmp_path / "people"  # eight people, linked into a source folder
     source.mkdir()
     for p in range(1, 9):
-        (source / f"s{p}").symlink_to(data_dir / "orl" / f"s{p}")
+        (source / f"s{p}").symlink_to(faces_root / f"id_{p - 1:04d}")
     cfg = from_dict(IngestConfig, {"degrade": {"sizes": ["32x32"]}, "pairs_per_split": 10, "workers": 1,
                                    "splits": {"train": 0.5, "val": 0.25, "test": 0.25},
                                    "prepare": {"center_crop": CONTRACT.center_crop}})
-    dataset = ingest(str(source), "orl8", str(tmp_path / "store"), cfg, progress=False).uri
-    gallery_uri = f"{dataset.rsplit('/datasets/', 1)[0]}/galleries/orl8-test.npz"
+    dataset = ingest(str(source), "people8", str(tmp_path / "store"), cfg, progress=False).uri
+    gallery_uri = f"{dataset.rsplit('/datasets/', 1)[0]}/galleries/people8-test.npz"
     url = server.grpc_url
     assert main(["gallery", "build", dataset, "--out", gallery_uri, "--url", url, "--dataset", dataset]) == 0
     gallery = Gallery.load(gallery_uri)
