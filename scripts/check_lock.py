@@ -36,30 +36,43 @@ def installed() -> dict[str, str]:
     return {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
 
 
-def unmet_requirements(have: dict[str, str]) -> list[str]:
-    """Requirements of faceops[all] that the environment does not satisfy."""
-    problems, seen = [], set()
-    todo = [(ROOT, extra) for extra in ("", *ROOT_EXTRAS)]
+def walk_requirements(extras: tuple[str, ...] = ROOT_EXTRAS) -> list[tuple[Requirement, str]]:
+    """Every requirement of ``faceops[extras]``, followed through the installed metadata: (the
+    requirement, who needs it). What ``pip install faceops[extras]`` asks for, transitively."""
+    found, seen = [], set()
+    todo = [(ROOT, extra) for extra in ("", *extras)]
     while todo:
         name, extra = todo.pop()
         if (name, extra) in seen:
             continue
         seen.add((name, extra))
         env = {**default_environment(), "extra": extra}
-        for text in metadata.requires(name) or []:
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue  # reported by the caller as not installed
+        for text in requires:
             req = Requirement(text)
             if req.marker is not None and not req.marker.evaluate(env):
                 continue
             if req.marker is None and extra:
-                continue  # already checked with the base requirements
+                continue  # already followed with the base requirements
+            found.append((req, f"{name}[{extra}]" if extra else name))
             dep = canonicalize_name(req.name)
-            if dep not in have:
-                problems.append(f"{req} (needed by {name}{f'[{extra}]' if extra else ''}) is not installed: "
-                                "add it to the lock (bash scripts/lock.sh)")
-                continue
-            if req.specifier and not req.specifier.contains(have[dep], prereleases=True):
-                problems.append(f"{dep}=={have[dep]} does not satisfy {req} (needed by {name})")
             todo += [(dep, "")] + [(dep, e) for e in req.extras]
+    return found
+
+
+def unmet_requirements(have: dict[str, str]) -> list[str]:
+    """Requirements of faceops[all] that the environment does not satisfy."""
+    problems = []
+    for req, needed_by in walk_requirements():
+        dep = canonicalize_name(req.name)
+        if dep not in have:
+            problems.append(f"{req} (needed by {needed_by}) is not installed: add it to the lock "
+                            "(bash scripts/lock.sh)")
+        elif req.specifier and not req.specifier.contains(have[dep], prereleases=True):
+            problems.append(f"{dep}=={have[dep]} does not satisfy {req} (needed by {needed_by})")
     return problems
 
 

@@ -14,17 +14,17 @@ from __future__ import annotations
 import ast
 import importlib.util
 import re
+import runpy
 import sys
 from importlib import metadata
 from pathlib import Path
 
 import pytest
-from packaging.markers import default_environment
-from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = REPO / "components" / "stages.py"
+LOCK = runpy.run_path(str(REPO / "scripts" / "check_lock.py"))
 BASE_PROVIDES = {"trainer": {"torch", "torchvision"}, "slim": set()}  # the base image's own packages
 # Imported only on a GPU node asked for TensorRT (export --trt), where its absence is a clear error
 # (faceops.export.tensorrt); no image installs it: Triton builds engines in the cluster.
@@ -40,25 +40,7 @@ def image_extras(role: str) -> tuple[str, ...]:
 
 def distributions(extras: tuple[str, ...]) -> set[str]:
     """The distributions ``pip install faceops[extras]`` brings, from the installed metadata."""
-    seen: set[tuple[str, str]] = set()
-    todo = [("faceops", e) for e in ("", *extras)]
-    dists = {"faceops"}
-    while todo:
-        name, extra = todo.pop()
-        if (name, extra) in seen:
-            continue
-        seen.add((name, extra))
-        env = {**default_environment(), "extra": extra}
-        for text in metadata.requires(name) or []:
-            req = Requirement(text)
-            if req.marker is not None and not req.marker.evaluate(env):
-                continue
-            if req.marker is None and extra:
-                continue
-            dep = canonicalize_name(req.name)
-            dists.add(dep)
-            todo += [(dep, "")] + [(dep, e) for e in req.extras]
-    return dists
+    return {"faceops"} | {canonicalize_name(req.name) for req, _ in LOCK["walk_requirements"](extras)}
 
 
 def _optional(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:

@@ -38,6 +38,7 @@ from faceops.models.recognizer import (
     register_backbone,
     reject_timm_options,
 )
+from faceops.models.resnet import init_conv_bn
 
 STEM_CHANNELS = 64
 STAGE_CHANNELS = (64, 128, 256, 512)
@@ -97,12 +98,7 @@ class IResNetTrunk(StagedTrunk):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
         for block in self.modules():
             if isinstance(block, IBasicBlock):
                 nn.init.zeros_(block.bn3.weight)

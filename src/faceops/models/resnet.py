@@ -31,6 +31,16 @@ def _stage(in_chs: int, out_chs: int, depth: int, stride: int) -> nn.Sequential:
     return nn.Sequential(*blocks)
 
 
+
+def init_conv_bn(module: nn.Module) -> None:
+    """He-normal convolutions, unit-scale zero-shift batch norms (torchvision's / timm's ResNet init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
 class ResNetTrunk(StagedTrunk):
     """Stem -> 4 stages of BasicBlocks (each strides by 2) -> global average pool -> [N, dims[-1]]."""
 
@@ -53,12 +63,7 @@ class ResNetTrunk(StagedTrunk):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.stages(self.stem(x)))
