@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from faceops.config import check
+from faceops.images import TRAINER_IMAGE_ENV, image
 
 # Defaults that match the Helm chart (charts/faceops values s3.buckets and triton.modelRepository):
 # datasets, checkpoints and reports go to the data bucket; exports go where the chart's Triton reads.
@@ -35,6 +36,8 @@ class ClusterConfig:
     memory_request: str = "8G"
     gpu_cpu_request: str = "8"
     gpu_memory_request: str = "32G"
+    image_registry: str | None = None  # e.g. registry.example.com/ml: `make images push REGISTRY=...`
+    image_tag: str | None = None  # default: the faceops version (`make images push TAG=...`)
 
     def __post_init__(self) -> None:
         check(self.gpus_per_task >= 1, "cluster.gpus_per_task must be >= 1")
@@ -71,6 +74,9 @@ def apply(task, cfg: ClusterConfig, *, gpu_task: bool, cache: bool) -> None:
     from kfp import kubernetes
 
     task.set_caching_options(cache)
+    trainer = image("trainer", cfg.image_registry, cfg.image_tag)
+    task.set_container_image(trainer if gpu_task else image("slim", cfg.image_registry, cfg.image_tag))
+    task.set_env_variable(TRAINER_IMAGE_ENV, trainer)  # what a multi-node training job runs
     task.set_retry(num_retries=cfg.retries, backoff_duration="30s", backoff_factor=2.0)
     if gpu_task and cfg.gpu:
         task.set_cpu_request(cfg.gpu_cpu_request).set_memory_request(cfg.gpu_memory_request)

@@ -213,3 +213,31 @@ def test_makefile_builds_and_pushes_every_image_with_registry_and_tag():
         ref = f"registry.example.com/ml/{name}:t1"
         assert f"-f images/{role}/Dockerfile -t {ref} ." in result.stdout
         assert f"push {ref}" in result.stdout
+
+
+def test_one_registry_and_tag_setting_reaches_every_task_and_the_training_job(tmp_path, monkeypatch):
+    """`cluster.image_registry/image_tag` (what `make images push REGISTRY= TAG=` built) is on every task,
+    and the multi-node job started inside a GPU step runs the same trainer image."""
+    from faceops.run import compile_pipeline
+    from faceops.train.launch import JobConfig, pytorchjob_manifest
+
+    cluster = yaml.safe_load((REPO / "configs" / "cluster_gpu.yaml").read_text())
+    cluster["cluster"].update(image_registry="registry.example.com/ml", image_tag="0.9.1")
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text(yaml.safe_dump(cluster))
+    trainer = "registry.example.com/ml/faceops-trainer:0.9.1"
+    for name in ("vlr_face", "arcface_resnet34"):
+        docs = list(yaml.safe_load_all(compile_pipeline(name, str(tmp_path / f"{name}.yaml"),
+                                                        str(cluster_file)).read_text()))
+        for label, ex in docs[0]["deploymentSpec"]["executors"].items():
+            container = ex["container"]
+            assert container["image"].startswith("registry.example.com/ml/faceops-"), (name, label)
+            assert container["image"].endswith(":0.9.1")
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            assert env["FACEOPS_TRAINER_IMAGE"] == trainer
+    monkeypatch.setenv("FACEOPS_TRAINER_IMAGE", trainer)  # as in the GPU step's pod
+    manifest = pytorchjob_manifest("recognizer", "recognizer: {}\n", [], gpus_per_node=1, nodes=2,
+                                   job=JobConfig(run_id="r1"))
+    images = {c["image"] for spec in manifest["spec"]["pytorchReplicaSpecs"].values()
+              for c in spec["template"]["spec"]["containers"]}
+    assert images == {trainer}

@@ -21,10 +21,18 @@ IMAGES: dict[str, str] = {
 DEFAULT_REGISTRY = "ghcr.io/faceops"
 
 
-def image(role: str) -> str:
-    """Full image reference for ``role`` (e.g. ``ghcr.io/faceops/faceops-trainer:0.1.0``)."""
+TRAINER_IMAGE_ENV = "FACEOPS_TRAINER_IMAGE"  # set on GPU steps: the image a multi-node job runs
+
+
+def image(role: str, registry: str | None = None, tag: str | None = None) -> str:
+    """Full image reference for ``role`` (e.g. ``ghcr.io/faceops/faceops-trainer:0.1.0``).
+
+    ``registry``/``tag`` come from the cluster config (``cluster.image_registry``/``image_tag``, what
+    compile and submit use); without them ``FACEOPS_IMAGE_REGISTRY``/``FACEOPS_IMAGE_TAG``, then the
+    defaults. The chart's ``image.registry``/``image.tag`` must name the same (`make images push`).
+    """
     if role not in IMAGES:
         raise KeyError(f"unknown image role {role!r} (known: {', '.join(IMAGES)})")
-    registry = os.environ.get("FACEOPS_IMAGE_REGISTRY", DEFAULT_REGISTRY).rstrip("/")
-    tag = os.environ.get("FACEOPS_IMAGE_TAG", __version__)
+    registry = (registry or os.environ.get("FACEOPS_IMAGE_REGISTRY") or DEFAULT_REGISTRY).rstrip("/")
+    tag = tag or os.environ.get("FACEOPS_IMAGE_TAG") or __version__
     return f"{registry}/{IMAGES[role]}:{tag}"

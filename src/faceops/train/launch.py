@@ -38,7 +38,7 @@ from typing import Any, Literal
 from faceops import config
 from faceops.config import check
 from faceops.errors import FaceopsError
-from faceops.images import image
+from faceops.images import TRAINER_IMAGE_ENV, image
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ class JobConfig:
     read the S3 credentials from the Secret ``secret_name``."""
 
     namespace: str | None = None  # None: this pod's namespace in a cluster, else the kubeconfig's
-    image: str = field(default_factory=lambda: image("trainer"))  # CUDA PyTorch + faceops
+    # CUDA PyTorch + faceops: the image of the step that launches the job (set at compile time)
+    image: str = field(default_factory=lambda: os.environ.get(TRAINER_IMAGE_ENV) or image("trainer"))
     secret_name: str = "faceops-s3"  # Secret with FACEOPS_S3_* (envFrom)
     env_configmap: str = "faceops-env"  # ConfigMap with FACEOPS_PUSHGATEWAY (optional)
     cpu: str = "4"  # CPU request per node (pod)
