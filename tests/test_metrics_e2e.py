@@ -10,9 +10,11 @@ import http.server
 import json
 import logging
 import math
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -470,3 +472,23 @@ def test_unreachable_pushgateway_costs_one_warning_not_the_run(tiny_dataset, tmp
     assert len(naming) == 1, [r.getMessage() for r in naming]
     assert naming[0].levelno == logging.WARNING
     assert not [r for r in caplog.records if r.name.startswith("faceops.metrics") and r not in naming]
+
+
+@pytest.mark.slow
+def test_ddp_nan_losses_of_every_rank_reach_prometheus(prom_stack, tiny_dataset, tmp_path):
+    """Two DDP ranks, a non-finite loss on each at different steps: rank 0's pushed counter holds both."""
+    run_id = f"ddp-{time.time_ns()}"
+    out = tmp_path / run_id  # the run id is the output folder's name
+    sets = ["model.name=edgeface_xxs", "loader.batch_size=8", "engine.progress=false", "engine.amp=off",
+            "engine.epochs=6", "engine.max_steps=4", "engine.nan_guard.inject_steps=[1, 3]",
+            f"engine.metrics.pushgateway={prom_stack.pushgateway}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "faceops.train.launch", "train", "recognizer", "--data", tiny_dataset, "--out", str(out),
+           *[a for s in sets for a in ("--set", s)]]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # each injected step poisons one batch on every rank: 2 steps x 2 ranks
+    nan = prom_stack.wait_for(f'faceops_nan_events_total{{run_id="{run_id}",kind="loss"}}',
+                              lambda res: len(res) == 1 and scalar(res) == 4)
+    assert scalar(nan) == 4
