@@ -1,5 +1,7 @@
 """The Helm chart (charts/faceops): renders, lints, validates against the Kubernetes schemas, and wires
-GPUs, the s3:// model repository, the S3 Secret, security contexts, network policies and monitoring.
+GPUs, the s3:// model repository, the S3 Secret, security contexts, network policies and monitoring;
+and what `helm install --wait` meets on a real cluster: no Prometheus Operator CRDs, a Triton started
+before its bucket exists, model control versus how exports are published, a CPU-only Triton.
 
 Rendering uses the Helm v4 SDK through helm-python-sdk (no helm binary, no cluster).
 """
@@ -20,18 +22,12 @@ CHART = Path(__file__).resolve().parents[1] / "charts" / "faceops"
 KUBE_VERSION = "1.32"
 RELEASE, NAMESPACE = "faceops", "faceops"
 CRD_GROUPS = ("monitoring.coreos.com/",)  # Prometheus Operator CRDs: no schema in kubernetes-validate
+OPERATOR_APIS = ("monitoring.coreos.com/v1",)  # what a cluster with the Prometheus Operator serves
 WORKLOADS = ("Deployment", "Job", "Pod")
 
-
-def ci_values(name: str) -> dict:
-    return yaml.safe_load((CHART / "ci" / f"{name}.yaml").read_text())
-
-
-SCENARIOS = {
-    "default": {},
-    "gpu": ci_values("gpu-values"),
-    "external-s3": ci_values("external-s3-values"),
-}
+# every values file in ci/ (what chart-testing installs), keyed by its name without "-values"
+SCENARIOS = {"default": {}, **{path.stem.removesuffix("-values"): yaml.safe_load(path.read_text())
+                               for path in sorted((CHART / "ci").glob("*.yaml"))}}
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +36,22 @@ def chart():
         yield loaded
 
 
-def render(chart, values: dict | None = None, name: str = RELEASE) -> list[dict]:
+def render_files(chart, values: dict | None = None, name: str = RELEASE, *, crds: bool = False,
+                 **options) -> dict[str, str]:
+    """Template path -> rendered text. ``crds``: as on a cluster serving the Prometheus Operator's API
+    (helm template --api-versions monitoring.coreos.com/v1)."""
+    if not crds:
+        return chart.render(values=values or {}, name=name, namespace=NAMESPACE, **options)
+    # helm-python-sdk's render() does not pass api_versions through; its native library takes it
+    from helm_python import _native
+
+    opts = {"name": name, "namespace": NAMESPACE, "api_versions": list(OPERATOR_APIS), **options}
+    return json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values or {}), json.dumps(opts)))
+
+
+def render(chart, values: dict | None = None, name: str = RELEASE, **options) -> list[dict]:
     """All rendered objects (hooks and test pods included), NOTES.txt left out."""
-    manifests = chart.render(values=values or {}, name=name, namespace=NAMESPACE)
+    manifests = render_files(chart, values, name, **options)
     docs = []
     for path, text in sorted(manifests.items()):
         if path.endswith("NOTES.txt"):
@@ -91,9 +100,10 @@ def test_lint_reports_bad_values():
     assert "/triton/modelControl/mode" in json.dumps(report)
 
 
+@pytest.mark.parametrize("crds", [False, True], ids=["no-operator", "operator"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_every_manifest_validates_against_kubernetes_schemas(chart, scenario):
-    docs = render(chart, SCENARIOS[scenario])
+def test_every_manifest_validates_against_kubernetes_schemas(chart, scenario, crds):
+    docs = render(chart, SCENARIOS[scenario], crds=crds)
     checked = 0
     for doc in docs:
         if doc["apiVersion"].startswith(CRD_GROUPS):
@@ -166,10 +176,8 @@ def test_gpu_values_set_count_node_selector_tolerations_and_autoscaling(chart):
     assert spec["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
     assert {t["key"] for t in spec["tolerations"]} == {"nvidia.com/gpu", "dedicated"}
     args = container["args"]
-    assert "--model-control-mode=explicit" in args
-    assert [a for a in args if a.startswith("--load-model=")] == [
-        "--load-model=recognizer", "--load-model=dsr", "--load-model=vlr_face"]
-    assert not any(a.startswith("--repository-poll-secs") for a in args)
+    assert "--model-control-mode=poll" in args and "--repository-poll-secs=15" in args
+    assert not any(a.startswith("--load-model=") for a in args)
     hpa = only(docs, "HorizontalPodAutoscaler", "triton")
     assert hpa["apiVersion"] == "autoscaling/v2" and "replicas" not in deployment["spec"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
@@ -177,7 +185,7 @@ def test_gpu_values_set_count_node_selector_tolerations_and_autoscaling(chart):
 
 
 def test_cpu_only_triton_requests_no_gpu_and_no_gpu_node(chart):
-    docs = render(chart, {"triton": {"gpu": {"count": 0}}})
+    docs = render(chart, SCENARIOS["cpu"])
     spec, container = pod_spec(only(docs, "Deployment", "triton")), triton_container(docs)
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
     assert "nodeSelector" not in spec and "tolerations" not in spec
@@ -336,13 +344,13 @@ def test_labels_follow_helm_conventions(chart):
 # --- monitoring -----------------------------------------------------------------------------------
 
 def test_prometheus_rule_is_the_plain_rules_file(chart):
-    rule = only(render(chart), "PrometheusRule")
+    rule = only(render(chart, crds=True), "PrometheusRule")
     assert rule["spec"] == yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
 
 
 def test_without_triton_the_serving_alerts_are_left_out(chart):
     """TritonDown fires when no Triton target exists: a release without Triton must not carry it."""
-    groups = only(render(chart, {"triton": {"enabled": False}}), "PrometheusRule")["spec"]["groups"]
+    groups = only(render(chart, {"triton": {"enabled": False}}, crds=True), "PrometheusRule")["spec"]["groups"]
     assert [g["name"] for g in groups] == ["faceops-training"]
     assert groups[0] == yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())["groups"][0]
 
@@ -350,7 +358,7 @@ def test_without_triton_the_serving_alerts_are_left_out(chart):
 def test_triton_down_alert_matches_the_job_the_service_monitor_scrapes(chart):
     """The Prometheus Operator names a ServiceMonitor's job after the Service: it must match the
     alert's job regex, or TritonDown would only ever see "no target"."""
-    docs = render(chart)
+    docs = render(chart, crds=True)
     rule = next(r for g in only(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]
                 if r["alert"] == "TritonDown")
     (pattern,) = set(re.findall(r'up\{job=~"([^"]+)"\}', rule["expr"]))
@@ -361,7 +369,7 @@ def test_triton_down_alert_matches_the_job_the_service_monitor_scrapes(chart):
 
 
 def test_service_monitors_scrape_triton_and_the_pushgateway(chart):
-    docs = render(chart)
+    docs = render(chart, crds=True)
     monitors = {m["metadata"]["labels"]["app.kubernetes.io/component"]: m
                 for m in of_kind(docs, "ServiceMonitor")}
     assert set(monitors) == {"triton", "pushgateway"}
@@ -373,7 +381,7 @@ def test_service_monitors_scrape_triton_and_the_pushgateway(chart):
         ports = {p["name"] for p in service["spec"]["ports"]}
         assert monitor["spec"]["endpoints"][0]["port"] in ports, component
     no_crds = render(chart, {"monitoring": {"serviceMonitor": {"enabled": False},
-                                            "prometheusRule": {"enabled": False}}})
+                                            "prometheusRule": {"enabled": False}}}, crds=True)
     assert not [d for d in no_crds if d["apiVersion"].startswith(CRD_GROUPS)]
 
 
@@ -447,3 +455,176 @@ def test_pipeline_defaults_use_the_charts_buckets_and_served_repository(chart, n
     bucket_and_path = re.fullmatch(r"--model-repository=s3://(?:https?://)?[^/]+/(.+)", served).group(1)
     assert repo == f"s3://{bucket_and_path}", f"{name} exports to {repo}, Triton reads {served}"
     assert repo.removeprefix("s3://").split("/")[0] in values["s3"]["buckets"]
+
+
+# --- what `helm install --wait` meets on a real cluster (issue 12, item 7) ------------------------
+
+def test_without_the_operator_crds_no_service_monitor_or_rule_is_rendered(chart):
+    """A cluster without the Prometheus Operator rejects the whole release on a ServiceMonitor
+    ("no matches for kind"); the chart renders them only when monitoring.coreos.com/v1 is served."""
+    for scenario in SCENARIOS.values():
+        assert not [d for d in render(chart, scenario) if d["apiVersion"].startswith(CRD_GROUPS)]
+    notes = render_files(chart)["faceops/templates/NOTES.txt"]
+    assert "does not serve monitoring.coreos.com/v1" in notes and "monitoring.skipCRDCheck" in notes
+    with_operator = render(chart, crds=True)
+    assert {d["kind"] for d in with_operator if d["apiVersion"] == "monitoring.coreos.com/v1"} == {
+        "ServiceMonitor", "PrometheusRule"}
+    assert "does not serve" not in render_files(chart, crds=True)["faceops/templates/NOTES.txt"]
+    forced = render(chart, {"monitoring": {"skipCRDCheck": True}})  # e.g. helm template for GitOps
+    assert len([d for d in forced if d["apiVersion"].startswith(CRD_GROUPS)]) == 3
+
+
+def test_bucket_creation_is_no_post_install_hook(chart):
+    """helm install --wait runs post-install hooks only once every resource is ready; Triton is ready
+    only after its bucket exists, so a hook creating the bucket deadlocks the install."""
+    for scenario in SCENARIOS.values():
+        for doc in render(chart, scenario):
+            hooks = doc["metadata"].get("annotations", {}).get("helm.sh/hook", "")
+            assert hooks in ("", "test"), (doc["kind"], doc["metadata"]["name"], hooks)
+    # a Job's pod template is immutable: each revision runs its own Job instead of patching the last one
+    first, second = (only(render(chart, revision=r), "Job", "buckets")["metadata"]["name"] for r in (1, 2))
+    assert first != second
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_triton_waits_for_its_repository_instead_of_crash_looping(chart, scenario):
+    """Triton exits when its s3:// repository is missing (no bucket, or no object under the path:
+    "repository path is not a valid directory"). An init container polls exactly that location with the
+    MinIO client the bucket job uses, looping (sleep) instead of failing; the bucket job creates the
+    bucket and an object under the path, so an empty repository is visible to Triton."""
+    docs = render(chart, SCENARIOS[scenario])
+    spec = pod_spec(only(docs, "Deployment", "triton"))
+    (init,) = spec["initContainers"]
+    job = only(docs, "Job", "buckets")
+    (creator,) = pod_spec(job)["containers"]
+    assert init["image"] == creator["image"] and init["image"].startswith("quay.io/minio/mc:")
+    served = next(a for a in triton_container(docs)["args"] if a.startswith("--model-repository="))
+    bucket_and_path = re.fullmatch(r"--model-repository=s3://(?:https?://)?[^/]+/(.+)", served).group(1)
+    assert env_by_name(init)["REPOSITORY"]["value"] == bucket_and_path
+    script = init["args"][0]
+    assert "until present" in script and "sleep" in script and "exit" not in script  # waits, never fails
+    assert init["envFrom"] == creator["envFrom"]  # the same endpoint and credentials
+    bucket, path = bucket_and_path.split("/", 1)
+    job_env = env_by_name(creator)
+    assert bucket in job_env["BUCKETS"]["value"].split()
+    assert job_env["REPOSITORY_MARKER"]["value"].startswith(f"{bucket}/{path}/")
+    assert {"name": "mc-config", "mountPath": "/mc"} in init["volumeMounts"]  # credentials not in Triton's /tmp
+
+
+def test_triton_without_the_bucket_job_still_waits(chart):
+    """External buckets (bucketJob off): Triton still waits, for the repository someone else creates."""
+    docs = render(chart, {**SCENARIOS["external-s3"], "s3": {**SCENARIOS["external-s3"]["s3"],
+                                                             "bucketJob": {"enabled": False}}})
+    assert not of_kind(docs, "Job")
+    assert pod_spec(only(docs, "Deployment", "triton"))["initContainers"][0]["name"] == "wait-for-repository"
+    off = render(chart, {"triton": {"waitForRepository": {"enabled": False}}})
+    assert "initContainers" not in pod_spec(only(off, "Deployment", "triton"))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_model_control_loads_what_export_publishes(chart, scenario):
+    """`faceops export` publishes a new version by writing its files, then switching config.pbtxt
+    (version_policy specific), and the deploy step only checks the server: nothing calls the repository
+    API. Only a polling Triton picks that up; explicit control would serve the start-up models forever."""
+    args = triton_container(render(chart, SCENARIOS[scenario]))["args"]
+    assert "--model-control-mode=poll" in args
+    assert not any(a.startswith("--load-model=") for a in args)
+    from faceops.serve import deploy
+
+    assert "load_model" not in deploy.check_server.__code__.co_names  # deploy relies on polling
+
+
+def test_explicit_model_control_is_still_possible_and_says_what_it_costs(chart):
+    values = {"triton": {"modelControl": {"mode": "explicit", "loadModels": ["recognizer"]}}}
+    args = triton_container(render(chart, values))["args"]
+    assert "--model-control-mode=explicit" in args and "--load-model=recognizer" in args
+    notes = render_files(chart, values)["faceops/templates/NOTES.txt"]
+    assert "are not loaded unless you load them" in notes
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pipelines_learn_the_triton_gpu_count(chart, scenario):
+    """The chart cannot edit model configs: it tells the export step how many GPUs Triton has."""
+    docs = render(chart, SCENARIOS[scenario])
+    gpus = int(triton_container(docs)["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
+    assert only(docs, "ConfigMap", "kfp")["data"]["FACEOPS_TRITON_GPUS"] == str(gpus)
+
+
+def test_cpu_triton_never_receives_kind_gpu_models(chart, tmp_path, monkeypatch):
+    """Export with the environment the CPU values give the pipeline pods: every model is KIND_CPU
+    without a GPU accelerator (a CPU Triton fails to load KIND_GPU); the GPU values give KIND_GPU with
+    ONNX Runtime's TensorRT accelerator. A config asking for KIND_GPU is refused for the CPU Triton."""
+    import torch
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from faceops.errors import FaceopsError
+    from faceops.export import TRITON_GPUS_ENV, ExportConfig, export_modules, validate_repository
+    from faceops.models import RecognizerConfig, create_recognizer
+    from faceops.storage import open_store
+
+    torch.manual_seed(0)
+    model = create_recognizer(RecognizerConfig(name="edgeface_xxs")).eval()
+    env = {name: only(render(chart, SCENARIOS[name]), "ConfigMap", "kfp")["data"] for name in ("cpu", "gpu")}
+    for name, (kind, accelerators) in {"cpu": ("KIND_CPU", []), "gpu": ("KIND_GPU", ["tensorrt"])}.items():
+        monkeypatch.setenv(TRITON_GPUS_ENV, env[name][TRITON_GPUS_ENV])
+        repo = str(tmp_path / name)
+        export_modules(model, repo, cfg=ExportConfig(parity_batch=2))
+        for config in validate_repository(open_store(repo)).values():
+            assert [mc.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == [kind]
+            assert [a.name for a in config.optimization.execution_accelerators.gpu_execution_accelerator] == (
+                accelerators)
+    monkeypatch.setenv(TRITON_GPUS_ENV, env["cpu"][TRITON_GPUS_ENV])
+    with pytest.raises(FaceopsError, match=r"KIND_GPU.*no GPU.*triton\.gpu\.count"):
+        export_modules(model, str(tmp_path / "refused"), cfg=ExportConfig(instance_kind="KIND_GPU"))
+
+
+def test_tensorrt_engine_cache_lies_on_a_writable_triton_volume(chart):
+    """The exported accelerator caches engines at export.trt_engine_cache_path; with a read-only root
+    filesystem that path must be on one of Triton's volumes."""
+    from faceops.export import ExportConfig
+
+    cache = ExportConfig().trt_engine_cache_path
+    mounts = [m["mountPath"] for m in triton_container(render(chart, SCENARIOS["gpu"]))["volumeMounts"]]
+    assert any(cache.startswith(m.rstrip("/") + "/") for m in mounts), (cache, mounts)
+
+
+# --- the cluster path as docs/cluster.md writes it -------------------------------------------------
+
+CLUSTER_DOC = CHART.parents[1] / "docs" / "cluster.md"
+#: item fields of kfp-kubernetes 1.x that every KFP 2.x backend reads; anything newer needs its row in
+#: docs/cluster.md's minimum-backend table
+OLD_PLATFORM_FIELDS = {"configMapName", "keyToEnv", "secretName", "medium", "mountPath", "sizeLimit",
+                       "volumeName", "labels", "effect", "key", "operator"}
+
+
+def test_cluster_doc_lists_every_kubernetes_field_the_compiled_pipelines_use():
+    """An older KFP backend stops every step on an IR field it does not know ("unknown field"): the
+    minimum version in docs/cluster.md must account for each field the checked-in pipelines use."""
+    doc = CLUSTER_DOC.read_text()
+    used: set[str] = set()
+    for compiled in sorted((CHART.parents[1] / "pipelines").glob("*.yaml")):
+        platform = list(yaml.safe_load_all(compiled.read_text()))[1]["platforms"]["kubernetes"]
+        for executor in platform["deploymentSpec"]["executors"].values():
+            for field, value in executor.items():
+                used.add(field)
+                for item in value if isinstance(value, list) else [value]:
+                    used.update(f"{field}.{key}" for key in item if key not in OLD_PLATFORM_FIELDS)
+    assert {"secretAsEnv.secretNameParameter", "configMapAsEnv.optional"} <= used
+    missing = sorted(field for field in used if f"`{field}`" not in doc)
+    assert not missing, f"docs/cluster.md does not say which KFP backend reads {missing}"
+
+
+def test_cluster_doc_helm_install_renders():
+    """The install command of docs/cluster.md: its values files exist and its --set values pass the schema."""
+    doc = CLUSTER_DOC.read_text()
+    command = re.search(r"helm install .*?(?=\n```)", doc, re.S).group(0).replace("\\\n", " ")
+    files = re.findall(r"-f (\S+)", command)
+    sets = dict(kv.split("=", 1) for kv in re.findall(r"--set (\S+)", command))
+    assert files and sets
+    values: dict = {}
+    for name in files:
+        values.update(yaml.safe_load((CHART.parents[1] / name).read_text()))
+    values["image"] = {key.removeprefix("image."): value for key, value in sets.items()}
+    with helm.Chart.load(CHART) as loaded:
+        loaded.validate_schema(values)
+        assert "registry.example.com/ml/faceops-triton:0.1.0" in json.dumps(render(loaded, values))

@@ -1,8 +1,13 @@
-"""Export: ONNX contract + parity gate, INT8 accuracy change, TensorRT path, Triton repository."""
+"""Export: ONNX contract + parity gate, INT8 accuracy change, TensorRT path, Triton repository.
+
+Faces come from faceops.data.synth (never skipped); one INT8 test runs on the real ORL faces, where the
+calibration ranges of real photographs matter.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +21,20 @@ from torch import nn
 from tritonclient.grpc import model_config_pb2 as mc
 
 from faceops.config import to_dict
+from faceops.data import synth
 from faceops.data.degrade import DegradeConfig
 from faceops.data.prepare import PrepareConfig, prepare_face
 from faceops.data.tensors import to_input
+from faceops.errors import FaceopsError
 from faceops.evaluate import load_embedder, load_super_resolver
 from faceops.export import (
+    TRITON_GPUS_ENV,
     CalibData,
     ExportConfig,
     Int8AccuracyError,
     ModelConfigError,
     ParityError,
+    TensorRTUnavailableError,
     check_parity,
     export_model,
     export_modules,
@@ -33,10 +42,12 @@ from faceops.export import (
     int8_accuracy_change,
     parse_config,
     quantize_int8,
+    resolve_instance_kind,
     run_onnx,
     validate_repository,
     versions,
 )
+from faceops.export import tensorrt as trt_mod
 from faceops.models import DSRConfig, RecognizerConfig, create_dsr, create_recognizer
 from faceops.models.contract import ContractConflictError, InputContract, onnx_file_contract, triton_contract
 from faceops.storage import open_store
@@ -65,6 +76,17 @@ def orl_faces(data_dir: Path, people: int, per_person: int) -> tuple[np.ndarray,
     return np.stack(faces), np.asarray(labels)
 
 
+def synth_faces(people: int, per_person: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic faces as ingest stores them (uint8 [N,112,112,3]) and labels; deterministic."""
+    faces, labels = [], []
+    for person in range(people):
+        ident = synth.make_identity(np.random.default_rng([seed, person]))
+        for k in range(per_person):
+            faces.append(np.asarray(synth.render(ident, np.random.default_rng([seed, person, k + 1]))))
+            labels.append(person)
+    return np.stack(faces), np.asarray(labels)
+
+
 def all_pairs(labels: np.ndarray) -> list[tuple[int, int, bool]]:
     n = len(labels)
     return [(a, b, bool(labels[a] == labels[b])) for a in range(n) for b in range(a + 1, n)]
@@ -75,9 +97,9 @@ def vlr_of(faces: np.ndarray, w: int = 32, h: int = 32) -> np.ndarray:
 
 
 # -- ONNX + parity gate ---------------------------------------------------------------------------
-def test_onnx_export_has_contract_names_dynamic_batch_and_passes_parity(tmp_path, data_dir):
+def test_onnx_export_has_contract_names_dynamic_batch_and_passes_parity(tmp_path):
     model = tiny_recognizer()
-    faces, _ = orl_faces(data_dir, people=2, per_person=4)
+    faces, _ = synth_faces(people=2, per_person=4)
     batch = to_input(faces)
     path = export_onnx(model, tmp_path / "r.onnx", batch[:1], "recognizer", ExportConfig())
     graph = onnx.load(str(path)).graph
@@ -157,12 +179,12 @@ def test_repository_layout_configs_and_new_versions(tmp_path):
     assert list(ens.input[0].dims) == [3, 32, 32] and ens.output[0].name == "embedding"
 
 
-def test_embedding_width_is_taken_from_the_model(tmp_path, data_dir):
+def test_embedding_width_is_taken_from_the_model(tmp_path):
     """recognizer.embedding_dim is configurable: the ONNX graphs and every Triton config that serves
     an embedding (recognizer, INT8, fused, ensemble) carry the model's width, not a fixed 512."""
     torch.manual_seed(0)
     model = create_recognizer(RecognizerConfig(name="edgeface_xxs", embedding_dim=128)).eval()
-    faces, labels = orl_faces(data_dir, people=4, per_person=3)
+    faces, labels = synth_faces(people=4, per_person=3)
     calib = CalibData(hr=faces, vlr={"32x32": vlr_of(faces)}, pairs=all_pairs(labels))
     repo = tmp_path / "repo"
     export_modules(model, str(repo), {"32x32": tiny_dsr()}, calib=calib, int8=True,
@@ -273,6 +295,25 @@ def test_models_trained_on_different_faces_are_not_exported_together(tmp_path):
 
 
 # -- INT8 -----------------------------------------------------------------------------------------
+def test_int8_export_reports_accuracy_change_and_serves_in_int8(tmp_path, monkeypatch):
+    """The INT8 gate's figures, a QDQ graph, and for a GPU Triton a TensorRT accelerator in INT8 (the
+    QDQ graph's explicit quantization) while the FP32 models get FP16."""
+    monkeypatch.setenv(TRITON_GPUS_ENV, "1")
+    faces, labels = synth_faces(people=6, per_person=4)
+    calib = CalibData(hr=faces, pairs=all_pairs(labels))
+    report = export_modules(tiny_recognizer(), str(tmp_path / "repo"), calib=calib, int8=True,
+                            cfg=ExportConfig(int8_max_accuracy_drop=1.0))
+    int8 = report["int8"]
+    assert int8["pairs"] == len(calib.pairs) and int8["calib_images"] == len(faces)
+    assert 0.0 <= int8["int8_accuracy"] <= 1.0 and 0.5 <= int8["fp32_accuracy"] <= 1.0
+    assert int8["accuracy_change"] == pytest.approx(int8["int8_accuracy"] - int8["fp32_accuracy"])
+    graph = onnx.load(str(tmp_path / "repo" / "recognizer_int8" / "1" / "model.onnx")).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # QDQ format
+    precision = {name: accelerator(tmp_path / "repo", name).parameters["precision_mode"]
+                 for name in ("recognizer", "recognizer_int8")}
+    assert precision == {"recognizer": "FP16", "recognizer_int8": "INT8"}
+
+
 def test_int8_export_reports_accuracy_change_on_real_faces(tmp_path, data_dir):
     faces, labels = orl_faces(data_dir, people=6, per_person=4)
     calib = CalibData(hr=faces, vlr={"32x32": vlr_of(faces)}, pairs=all_pairs(labels))
@@ -289,8 +330,8 @@ def test_int8_export_reports_accuracy_change_on_real_faces(tmp_path, data_dir):
     assert report["models"]["recognizer"]["parity"]["max_abs"] <= 1e-4  # parity ran on real faces
 
 
-def test_int8_gate_fails_when_accuracy_collapses(tmp_path, data_dir):
-    faces, labels = orl_faces(data_dir, people=4, per_person=3)
+def test_int8_gate_fails_when_accuracy_collapses(tmp_path):
+    faces, labels = synth_faces(people=4, per_person=3)
     model = tiny_recognizer()
     fp32 = export_onnx(model, tmp_path / "fp32.onnx", to_input(faces[:1]), "recognizer", ExportConfig())
     proto = onnx.load(str(fp32))  # a "quantized" model that lost everything: all weights zero
@@ -303,41 +344,150 @@ def test_int8_gate_fails_when_accuracy_collapses(tmp_path, data_dir):
 
 
 def test_int8_needs_calibration_faces(tmp_path):
-    from faceops.errors import FaceopsError
-
     with pytest.raises(FaceopsError, match="calibration"):
         export_modules(tiny_recognizer(), str(tmp_path / "repo"), int8=True)
     assert not (tmp_path / "repo" / "recognizer").exists()
 
 
 def test_quantize_int8_rejects_float_calibration(tmp_path):
-    from faceops.errors import FaceopsError
-
     path = export_onnx(tiny_recognizer(), tmp_path / "r.onnx", torch.zeros(1, 3, 112, 112), "recognizer",
                        ExportConfig())
     with pytest.raises(FaceopsError, match="uint8 NHWC"):
         quantize_int8(path, tmp_path / "q.onnx", np.zeros((2, 3, 112, 112), np.float32), ExportConfig())
 
 
-# -- TensorRT -------------------------------------------------------------------------------------
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
-def test_trt_without_cuda_is_skipped_clearly(tmp_path, capsys):
-    report = export_modules(tiny_recognizer(), str(tmp_path / "repo"), trt=True)
-    assert report["tensorrt"]["status"] == "skipped: no CUDA device"
-    assert "TensorRT: skipped: no CUDA device" in capsys.readouterr().out
-    assert "recognizer_trt" not in report["models"] and "recognizer" in report["models"]
+# -- Triton configs: instance kind, TensorRT accelerator, warm-up --------------------------------
+def read_config(repo: Path, name: str) -> mc.ModelConfig:
+    """config.pbtxt parsed with Triton's own ModelConfig protobuf, independently of our writer."""
+    return text_format.Parse((repo / name / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def accelerator(repo: Path, name: str):
+    (found,) = read_config(repo, name).optimization.execution_accelerators.gpu_execution_accelerator
+    return found
+
+
+@pytest.mark.parametrize(("asked", "gpus", "kind"), [
+    ("auto", None, "KIND_CPU"), ("auto", "0", "KIND_CPU"), ("auto", "2", "KIND_GPU"),
+    ("KIND_CPU", "2", "KIND_CPU"), ("KIND_GPU", None, "KIND_GPU"), ("KIND_GPU", "0", None), ("auto", "two", None),
+])
+def test_instance_kind_follows_the_target_triton(asked, gpus, kind):
+    """export.instance_kind=auto: KIND_GPU only for a Triton reporting GPUs (FACEOPS_TRITON_GPUS, from
+    the chart's triton.gpu.count); KIND_GPU for a Triton without GPUs could never load, so it is refused."""
+    environ = {} if gpus is None else {TRITON_GPUS_ENV: gpus}
+    cfg = ExportConfig(instance_kind=asked)
+    if kind is None:
+        with pytest.raises(FaceopsError, match=TRITON_GPUS_ENV):
+            resolve_instance_kind(cfg, environ)
+    else:
+        assert resolve_instance_kind(cfg, environ) == kind
+
+
+def test_export_writes_no_kind_gpu_unless_the_target_has_gpus(tmp_path, monkeypatch):
+    """The default export (no target told) is loadable by every Triton, a CPU one included."""
+    monkeypatch.delenv(TRITON_GPUS_ENV, raising=False)
+    repo = tmp_path / "repo"
+    report = export_modules(tiny_recognizer(), str(repo), {"32x32": tiny_dsr()}, cfg=ExportConfig(parity_batch=2))
+    assert report["instance_kind"] == "KIND_CPU"
+    for name in ("recognizer", "dsr", "vlr_fused"):
+        config = read_config(repo, name)
+        assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_CPU], name
+        assert not config.optimization.execution_accelerators.gpu_execution_accelerator, name
+        assert len(config.model_warmup) == 1, name
+
+
+def test_gpu_configs_carry_the_tensorrt_accelerator_and_warmup(tmp_path, monkeypatch):
+    """For a GPU Triton every ONNX model asks ONNX Runtime's TensorRT provider for FP16 engines with a
+    cache and one profile spanning batch 1..max_batch_size, and warms up on a zero batch of its own input
+    shape, which the model file accepts; the ensemble gets neither (it runs no model of its own)."""
+    monkeypatch.setenv(TRITON_GPUS_ENV, "1")
+    repo = tmp_path / "repo"
+    cfg = ExportConfig(parity_batch=2, max_batch_size=16, preferred_batch_sizes=[4, 8], trt_workspace_mb=512)
+    export_modules(tiny_recognizer(), str(repo), {"32x32": tiny_dsr()}, cfg=cfg)
+    for name, dims in {"recognizer": [3, 112, 112], "dsr": [3, 32, 32], "vlr_fused": [3, 32, 32]}.items():
+        config = read_config(repo, name)
+        assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU], name
+        trt = accelerator(repo, name)
+        assert trt.name == "tensorrt"
+        shape = "x".join(map(str, dims))
+        assert dict(trt.parameters) == {
+            "precision_mode": "FP16", "max_workspace_size_bytes": str(512 << 20),
+            "trt_engine_cache_enable": "true", "trt_engine_cache_path": cfg.trt_engine_cache_path,
+            "trt_profile_min_shapes": f"input:1x{shape}", "trt_profile_opt_shapes": f"input:8x{shape}",
+            "trt_profile_max_shapes": f"input:16x{shape}"}, name
+        (warmup,) = config.model_warmup
+        assert warmup.batch_size == 1 and set(warmup.inputs) == {"input"}, name
+        sample = warmup.inputs["input"]
+        assert (sample.data_type, list(sample.dims), sample.zero_data) == (mc.TYPE_FP32, dims, True), name
+        assert list(config.input[0].dims) == dims
+        zeros = np.zeros((warmup.batch_size, *dims), np.float32)  # what Triton sends at load
+        assert run_onnx(repo / name / "1" / "model.onnx", zeros).shape[0] == 1, name
+    ensemble = read_config(repo, "vlr_face")
+    assert not ensemble.model_warmup and not ensemble.instance_group
+    assert not ensemble.optimization.execution_accelerators.gpu_execution_accelerator
+
+
+def test_accelerator_and_warmup_follow_the_config(tmp_path, monkeypatch):
+    monkeypatch.setenv(TRITON_GPUS_ENV, "1")
+    repo = tmp_path / "repo"
+    export_modules(tiny_recognizer(), str(repo), cfg=ExportConfig(
+        parity_batch=2, gpu_accelerator="none", warmup=False, trt_fp16=False))
+    config = read_config(repo, "recognizer")
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU  # plain CUDA
+    assert not config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert not config.model_warmup
+    export_modules(tiny_recognizer(), str(repo), cfg=ExportConfig(parity_batch=2, trt_fp16=False,
+                                                                  trt_engine_cache=False))
+    assert dict(accelerator(repo, "recognizer").parameters)["precision_mode"] == "FP32"
+    assert "trt_engine_cache_enable" not in accelerator(repo, "recognizer").parameters
+
+
+# -- TensorRT offline engines --------------------------------------------------------------------
+def test_trt_without_a_cuda_device_is_an_error_not_a_skip(tmp_path, monkeypatch, capsys):
+    """--trt asks for parity-gated engines: where none can be built the export fails, before any work
+    and without touching the repository, and the CLI exits non-zero naming why and what to do."""
+    from faceops.cli import main
+    from faceops.train.checkpoint import save_checkpoint
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TensorRTUnavailableError, match=r"--trt .*no CUDA device.*Drop --trt"):
+        export_modules(tiny_recognizer(), str(tmp_path / "repo"), trt=True)
+    assert not (tmp_path / "repo").exists()
+    save_checkpoint(str(tmp_path / "rec.pt"), {"kind": "recognizer", "model_config": to_dict(
+        RecognizerConfig(name="edgeface_xxs")), "model": tiny_recognizer().state_dict()})
+    code = main(["export", "--model", str(tmp_path / "rec.pt"), "--repo", str(tmp_path / "repo"), "--trt"])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "export.gpu_accelerator=tensorrt" in err
+    assert not (tmp_path / "repo").exists()
+
+
+def test_trt_without_the_tensorrt_package_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    with pytest.raises(TensorRTUnavailableError, match="tensorrt Python package is not installed"):
+        export_modules(tiny_recognizer(), str(tmp_path / "repo"), trt=True)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_trt_engines_for_a_triton_without_gpus_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(trt_mod, "unavailable_reason", lambda: None)  # as if on a GPU node with TensorRT
+    monkeypatch.setenv(TRITON_GPUS_ENV, "0")
+    with pytest.raises(TensorRTUnavailableError, match="no GPU"):
+        export_modules(tiny_recognizer(), str(tmp_path / "repo"), trt=True)
 
 
 def _need_tensorrt():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    pytest.importorskip("tensorrt", reason="needs the tensorrt Python package (pip install tensorrt)")
+    if trt_mod.unavailable_reason():
+        pytest.skip("needs a CUDA device with the tensorrt Python package (pip install tensorrt)")
 
 
 @pytest.mark.gpu
-def test_tensorrt_fp16_engine_passes_parity_and_is_published(tmp_path, data_dir):
+def test_tensorrt_fp16_engine_passes_parity_and_is_published(tmp_path):
     _need_tensorrt()
-    faces, labels = orl_faces(data_dir, people=4, per_person=4)
+    faces, labels = synth_faces(people=4, per_person=4)
     calib = CalibData(hr=faces, pairs=all_pairs(labels))
     report = export_modules(tiny_recognizer(), str(tmp_path / "repo"), calib=calib, trt=True)
     assert report["tensorrt"]["status"] == "built"
@@ -346,13 +496,14 @@ def test_tensorrt_fp16_engine_passes_parity_and_is_published(tmp_path, data_dir)
     config = parse_config((tmp_path / "repo" / "recognizer_trt" / "config.pbtxt").read_text())
     assert config.platform == "tensorrt_plan"
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert not config.optimization.execution_accelerators.gpu_execution_accelerator  # already an engine
     assert (tmp_path / "repo" / "recognizer_trt" / "1" / "model.plan").stat().st_size > 0
 
 
 @pytest.mark.gpu
-def test_tensorrt_int8_engine_from_qdq_model(tmp_path, data_dir):
+def test_tensorrt_int8_engine_from_qdq_model(tmp_path):
     _need_tensorrt()
-    faces, labels = orl_faces(data_dir, people=4, per_person=4)
+    faces, labels = synth_faces(people=4, per_person=4)
     calib = CalibData(hr=faces, pairs=all_pairs(labels))
     report = export_modules(tiny_recognizer(), str(tmp_path / "repo"), calib=calib, int8=True, trt=True,
                             cfg=ExportConfig(int8_max_accuracy_drop=1.0, trt_parity_min_cosine=0.98,

@@ -102,6 +102,18 @@ Usage: include "faceops.image" (dict "root" . "role" "triton") */}}
 {{- if $path }}/{{ $path }}{{ end }}
 {{- end }}
 
+{{/* Object the bucket job writes under a non-empty triton.modelRepository.path: Triton's S3 file system
+sees a prefix only once an object lies under it, and refuses to start on a repository it cannot see. */}}
+{{- define "faceops.repositoryMarker" -}}
+.faceops-repository
+{{- end }}
+
+{{/* "true" when the Prometheus Operator's CRDs can be used: the cluster serves monitoring.coreos.com/v1
+(helm template: --api-versions monitoring.coreos.com/v1), or monitoring.skipCRDCheck. */}}
+{{- define "faceops.prometheusOperator" -}}
+{{- or .Values.monitoring.skipCRDCheck (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") }}
+{{- end }}
+
 {{/* In-cluster address of the Pushgateway (host:port), for FACEOPS_PUSHGATEWAY. */}}
 {{- define "faceops.pushgatewayAddress" -}}
 {{- printf "%s.%s.svc:%d" (include "faceops.componentName" (dict "root" . "component" "pushgateway")) .Release.Namespace (int .Values.pushgateway.port) }}

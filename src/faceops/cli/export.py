@@ -1,4 +1,9 @@
-"""``faceops export``: checkpoints -> ONNX (+INT8, +TensorRT) -> parity gate -> Triton repository."""
+"""``faceops export``: checkpoints -> ONNX (+INT8, +TensorRT) -> parity gate -> Triton repository.
+
+Instances are KIND_GPU only for a Triton with GPUs: export.instance_kind=auto (the default) follows
+FACEOPS_TRITON_GPUS, which the chart's ConfigMap sets from triton.gpu.count (unset: KIND_CPU). GPU
+configs let Triton build TensorRT engines itself (export.gpu_accelerator); every model warms up on load.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,10 @@ def register(subparsers) -> None:
     p.add_argument("--format", dest="formats", action="append", choices=["onnx"], default=None,
                    help="export format (onnx; INT8 and TensorRT are --int8 / --trt on top of it)")
     p.add_argument("--int8", action="store_true", help="also an INT8 model, calibrated on --dataset")
-    p.add_argument("--trt", action="store_true", help="also TensorRT engines (skipped without a CUDA device)")
+    p.add_argument("--trt", action="store_true",
+                   help="also offline TensorRT engines (tensorrt_plan), parity-gated; needs a CUDA device and "
+                        "the tensorrt package, else an error. Not needed for GPU serving: GPU configs let "
+                        "Triton build the engines itself (export.gpu_accelerator=tensorrt)")
     p.add_argument("--dataset", metavar="URI", help="dataset whose val split gives parity/calibration faces; "
                    "it must be prepared as the model was trained (its input contract), else an error names both")
     p.add_argument("--repo", required=True, metavar="URI", help="Triton model repository (path or s3://)")

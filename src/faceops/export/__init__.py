@@ -12,17 +12,22 @@ from faceops.export.onnx_export import (
     export_onnx,
     run_onnx,
 )
+from faceops.export.tensorrt import TensorRTUnavailableError
 from faceops.export.triton_repo import (
+    TRITON_GPUS_ENV,
     ModelConfigError,
+    accelerator_precision,
     parse_config,
     publish,
+    resolve_instance_kind,
     validate_repository,
     versions,
 )
 
 __all__ = [
-    "CalibData", "ExportConfig", "FusedVLR", "Int8AccuracyError", "Int8Report", "ModelConfigError",
-    "ParityError", "ParityReport", "check_parity", "compare", "export_model", "export_modules",
-    "export_onnx", "int8_accuracy_change", "parse_config", "quantize_int8", "run_onnx",
-    "validate_repository", "versions", "publish",
+    "TRITON_GPUS_ENV", "CalibData", "ExportConfig", "FusedVLR", "Int8AccuracyError", "Int8Report",
+    "ModelConfigError", "ParityError", "ParityReport", "TensorRTUnavailableError", "accelerator_precision",
+    "check_parity", "compare", "export_model", "export_modules", "export_onnx", "int8_accuracy_change",
+    "parse_config", "publish", "quantize_int8", "resolve_instance_kind", "run_onnx", "validate_repository",
+    "versions",
 ]

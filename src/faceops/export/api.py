@@ -3,7 +3,8 @@
 Triton names (ARCHITECTURE.md): ``recognizer``, ``dsr``, ensemble ``vlr_face`` (dsr -> recognizer).
 Extras beside the contract, each with the recognizer's tensor names and shapes:
 ``vlr_fused`` (DSR -> resize -> recognizer as one ONNX graph), ``recognizer_int8`` (QDQ INT8),
-``recognizer_trt`` / ``recognizer_trt_int8`` (tensorrt_plan, only where an engine was built).
+``recognizer_trt`` / ``recognizer_trt_int8`` (offline tensorrt_plan engines, ``trt=True`` on a GPU node
+with TensorRT; anywhere else that is an error).
 With several DSR models (one per VLR size) the size-specific ones are ``dsr_<WxH>``,
 ``vlr_face_<WxH>`` and ``vlr_fused_<WxH>``; with one they take the plain contract names.
 
@@ -40,6 +41,8 @@ from faceops.export.triton_repo import (
     ensemble_config,
     model_config,
     publish,
+    resolve_instance_kind,
+    target_gpus,
     validate_repository,
 )
 from faceops.models.contract import (
@@ -117,13 +120,17 @@ def export_modules(recognizer: nn.Module, repo_uri: str, dsrs: dict[str, nn.Modu
     """Export in-memory models (see :func:`export_model`); returns paths, versions and parity figures.
 
     ``contract`` / ``dsr_contracts`` (per VLR size): the models' input contracts, written into every
-    ONNX file and Triton config; a model given none is assumed to take ingest's defaults (warned)."""
+    ONNX file and Triton config; a model given none is assumed to take ingest's defaults (warned).
+    ``trt`` where no engine can be built, or for a Triton without GPUs, fails before any work."""
     cfg = cfg or ExportConfig()
+    kind = resolve_instance_kind(cfg)
+    if trt:
+        _check_trt_target()
     contract, vlr_contracts = _contracts_for(contract, {s: (dsr_contracts or {}).get(s) for s in sorted(dsrs or {})})
     store = open_store(repo_uri)
     tmp = tempfile.TemporaryDirectory(prefix="faceops-export-") if work_dir is None else None
     work = Path(work_dir or tmp.name)
-    report: dict = {"repo": store.uri, "models": {}}
+    report: dict = {"repo": store.uri, "instance_kind": kind, "models": {}}
     pending: list = []  # models are staged and published only once every gate has passed
     try:
         hr_batch = _batch(calib.hr if calib else None, HR_DIMS, cfg.parity_batch, "recognizer", contract)
@@ -131,12 +138,13 @@ def export_modules(recognizer: nn.Module, repo_uri: str, dsrs: dict[str, nn.Modu
         rec_path = export_onnx(recognizer, work / "recognizer.onnx", hr_batch[:1], "recognizer", cfg)
         write_onnx_contract(rec_path, contract)
         parity = check_parity("recognizer", rec_path, recognizer, hr_batch, cfg)
-        _publish(pending, model_config("recognizer", "onnxruntime_onnx", IN_SPEC, emb, cfg, contract=contract),
+        _publish(pending, model_config("recognizer", "onnxruntime_onnx", IN_SPEC, emb, cfg, kind, contract),
                  rec_path, parity.as_dict())
-        int8_path = _export_int8(pending, report, rec_path, calib, cfg, work, emb, contract) if int8 else None
+        int8_path = (_export_int8(pending, report, rec_path, calib, cfg, work, emb, contract, kind)
+                     if int8 else None)
         for size, names in _names(sorted(dsrs or {})).items():
             _export_vlr(pending, report, recognizer, dsrs[size], size, names, calib, cfg, work, emb,
-                        vlr_contracts[size])
+                        vlr_contracts[size], kind)
         if trt:
             report["tensorrt"] = _export_trt(pending, report, recognizer, rec_path, int8_path, hr_batch, cfg,
                                              work, emb, contract)
@@ -152,8 +160,17 @@ def export_modules(recognizer: nn.Module, repo_uri: str, dsrs: dict[str, nn.Modu
     return report
 
 
+def _check_trt_target() -> None:
+    """Offline engines need TensorRT here and a GPU Triton there; refuse early, before any export work."""
+    trt_mod.require_tensorrt()
+    if target_gpus() == 0:
+        raise trt_mod.TensorRTUnavailableError(
+            "--trt publishes TensorRT engines (KIND_GPU only), but the target Triton has no GPU "
+            "(FACEOPS_TRITON_GPUS=0, the chart's triton.gpu.count); drop --trt")
+
+
 def _export_int8(pending, report: dict, rec_path: Path, calib: CalibData | None, cfg: ExportConfig,
-                 work: Path, emb: list[TensorSpec], contract: InputContract) -> Path:
+                 work: Path, emb: list[TensorSpec], contract: InputContract, kind: str) -> Path:
     if calib is None:
         raise FaceopsError("--int8 needs calibration faces: pass the dataset (calib_dataset / --dataset) "
                            "whose val split calibrates and scores the INT8 model")
@@ -161,14 +178,15 @@ def _export_int8(pending, report: dict, rec_path: Path, calib: CalibData | None,
     n_cal = min(len(calib.hr), cfg.int8_calib_images)
     accuracy = int8_mod.int8_accuracy_change(rec_path, int8_path, calib.hr, calib.pairs, n_cal, cfg)
     report["int8"] = accuracy.as_dict()
-    _publish(pending, model_config("recognizer_int8", "onnxruntime_onnx", IN_SPEC, emb, cfg, contract=contract),
-             int8_path, None)
+    # a QDQ graph: Triton's TensorRT accelerator runs it in INT8 (explicit quantization)
+    _publish(pending, model_config("recognizer_int8", "onnxruntime_onnx", IN_SPEC, emb, cfg, kind, contract,
+                                   precision="INT8"), int8_path, None)
     return int8_path
 
 
 def _export_vlr(pending, report: dict, recognizer: nn.Module, dsr: nn.Module, size: str,
                 names: tuple[str, str, str], calib: CalibData | None, cfg: ExportConfig, work: Path,
-                emb: list[TensorSpec], contract: InputContract) -> None:
+                emb: list[TensorSpec], contract: InputContract, kind: str) -> None:
     """DSR model, fused DSR->recognizer model and the ensemble for one VLR size (all take the DSR
     model's VLR faces: ``contract``)."""
     dsr_name, ens_name, fused_name = names
@@ -180,12 +198,12 @@ def _export_vlr(pending, report: dict, recognizer: nn.Module, dsr: nn.Module, si
     write_onnx_contract(dsr_path, contract)
     parity = check_parity(dsr_name, dsr_path, dsr, vlr_batch, cfg)
     _publish(pending, model_config(dsr_name, "onnxruntime_onnx", vlr_spec, [TensorSpec("output", HR_DIMS)], cfg,
-                                   contract=contract), dsr_path, parity.as_dict())
+                                   kind, contract), dsr_path, parity.as_dict())
     fused = FusedVLR(dsr, recognizer, cfg.vlr_resize_mode)
     fused_path = export_onnx(fused, work / f"{fused_name}.onnx", vlr_batch[:1], "vlr_fused", cfg)
     write_onnx_contract(fused_path, contract)
     parity = check_parity(fused_name, fused_path, fused, vlr_batch, cfg)
-    _publish(pending, model_config(fused_name, "onnxruntime_onnx", vlr_spec, emb, cfg, contract=contract),
+    _publish(pending, model_config(fused_name, "onnxruntime_onnx", vlr_spec, emb, cfg, kind, contract),
              fused_path, parity.as_dict())
     _publish(pending, ensemble_config(ens_name, dsr_name, "recognizer", vlr_dims, cfg, emb[0].dims[0],
                                       contract=contract), None, None)
@@ -197,10 +215,8 @@ def _publish(pending: list, config, model_file, parity: dict | None) -> None:
 
 def _export_trt(pending, report, recognizer, rec_path, int8_path, hr_batch, cfg: ExportConfig,
                 work: Path, emb: list[TensorSpec], contract: InputContract) -> dict:
-    reason = trt_mod.unavailable_reason()
-    if reason:
-        print(f"TensorRT: {reason}; the ONNX models are exported and served as usual")
-        return {"status": reason}
+    """Offline engines (checked possible by :func:`_check_trt_target`), each parity-gated against
+    PyTorch; engines run on GPUs only, so their instances are KIND_GPU whatever the ONNX models got."""
     with torch.no_grad():
         reference = recognizer.eval().cpu()(hr_batch).numpy()
     builds = [("recognizer_trt", rec_path, False)]
@@ -219,7 +235,8 @@ def export_model(model_uri: str, repo_uri: str, formats: tuple[str, ...] | list[
                  calib_dataset: str | None = None, cfg: ExportConfig | None = None) -> dict:
     """Export a recognizer checkpoint (and DSR checkpoints) into the Triton repository at ``repo_uri``.
 
-    Returns ``{"repo", "models": {name: {version, platform, uri, parity}}, "int8"?, "tensorrt"?}``.
+    Returns ``{"repo", "instance_kind", "models": {name: {version, platform, uri, parity}}, "int8"?,
+    "tensorrt"?}``.
     Raises :class:`~faceops.export.onnx_export.ParityError` when a graph does not reproduce PyTorch.
     The input contracts come from the checkpoints; ``calib_dataset`` must have been prepared as they
     say (a contradiction is an error naming both), and is what an old checkpoint is assumed to take.
@@ -230,6 +247,8 @@ def export_model(model_uri: str, repo_uri: str, formats: tuple[str, ...] | list[
     if unknown:
         raise FaceopsError(f"unknown export format(s) {unknown} (supported: {', '.join(FORMATS)}; "
                            f"INT8 and TensorRT are --int8 / --trt on top of onnx)")
+    if trt:  # fails before checkpoints and calibration data are read
+        _check_trt_target()
     recognizer, meta = load_model(model_uri)
     if meta.get("kind") != "recognizer":
         raise FaceopsError(f"{model_uri} is a {meta.get('kind')!r} checkpoint; --model needs a recognizer")

@@ -1,4 +1,4 @@
-"""Export knobs: parity tolerances, ONNX opset, Triton batching/instances and the INT8 gate.
+"""Export knobs: parity tolerances, ONNX opset, Triton batching/instances/acceleration and the INT8 gate.
 
 One dataclass so a pipeline config (section ``export``) and the CLI's ``--set`` reach every knob.
 """
@@ -21,12 +21,20 @@ class ExportConfig:
     max_batch_size: int = 32  # Triton max_batch_size (also the largest batch a client sends)
     preferred_batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32])  # dynamic batcher targets
     max_queue_delay_us: int = 2000  # how long the dynamic batcher waits to fill a batch
-    instance_kind: Literal["KIND_GPU", "KIND_CPU"] = "KIND_GPU"  # instance_group kind on the cluster
+    # instance_group kind. "auto": KIND_GPU when the target Triton has GPUs (FACEOPS_TRITON_GPUS, which
+    # the chart's ConfigMap sets from triton.gpu.count), else KIND_CPU; a CPU Triton cannot load KIND_GPU.
+    instance_kind: Literal["auto", "KIND_GPU", "KIND_CPU"] = "auto"
     instance_count: int = 1  # model instances per GPU (or CPU instances)
     num_versions: int = 1  # how many recent exports Triton serves (version_policy specific{...})
+    warmup: bool = True  # model_warmup with a zero batch: the first request never pays for loading
+    # GPU instances of ONNX models: "tensorrt" lets Triton's ONNX Runtime build TensorRT engines on the
+    # serving GPU (trt_fp16, trt_workspace_mb, the engine cache below); "none" runs plain CUDA.
+    gpu_accelerator: Literal["tensorrt", "none"] = "tensorrt"
+    trt_engine_cache: bool = True  # keep built engines, so a reload of the same model does not rebuild
+    trt_engine_cache_path: str = "/tmp/faceops-trt-cache"  # inside Triton's pod (the chart's writable /tmp)
     int8_calib_images: int = 64  # validation images fed to the INT8 calibrator
     int8_max_accuracy_drop: float = 0.02  # INT8 gate: FP32 verification accuracy minus INT8's, at most
-    trt_fp16: bool = True  # build TensorRT engines in FP16
+    trt_fp16: bool = True  # TensorRT in FP16 (offline engines and Triton's accelerator), else FP32
     trt_workspace_mb: int = 1024  # TensorRT builder workspace
     trt_parity_max_abs: float = 5e-3  # parity gate for FP16/INT8 engines (reduced precision needs slack)
     trt_parity_min_cosine: float = 0.999  # min per-row cosine of engine vs PyTorch
@@ -45,5 +53,9 @@ class ExportConfig:
         check(self.max_queue_delay_us >= 0, "export.max_queue_delay_us must be >= 0")
         check(self.instance_count >= 1, f"export.instance_count = {self.instance_count}: must be >= 1")
         check(self.num_versions >= 1, f"export.num_versions = {self.num_versions}: must be >= 1")
+        check(self.trt_workspace_mb >= 1, f"export.trt_workspace_mb = {self.trt_workspace_mb}: must be >= 1")
+        check(self.trt_engine_cache_path.startswith("/"),
+              f"export.trt_engine_cache_path = {self.trt_engine_cache_path!r}: must be an absolute path "
+              "inside the Triton container")
         check(self.int8_calib_images >= 1, "export.int8_calib_images must be >= 1")
         check(self.int8_max_accuracy_drop >= 0, "export.int8_max_accuracy_drop must be >= 0")

@@ -1,15 +1,15 @@
-"""TensorRT engines (FP16, optionally INT8 from the QDQ model) built on a GPU node, parity-gated.
+"""Offline TensorRT engines (``tensorrt_plan``: FP16, optionally INT8 from the QDQ model), parity-gated.
 
-Uses the ``tensorrt`` Python package, or ``trtexec`` when only that is on the PATH. Without a CUDA
-device the step is skipped with a clear message (engines are specific to the GPU they are built on,
-so CPU machines never build one).
+The cluster does not need them: GPU configs carry ONNX Runtime's TensorRT accelerator, so Triton builds
+engines on the GPU that serves them (``export.gpu_accelerator``). An offline engine is only worth it
+where it can be checked: the build and the parity gate both run through the ``tensorrt`` Python package
+on a CUDA device, and asking for one (``--trt``) anywhere else is an error, never a silent skip.
+Engines are specific to the GPU and TensorRT version they are built with (the Triton image's).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +22,30 @@ from faceops.export.onnx_export import ParityReport, gate
 log = logging.getLogger(__name__)
 
 
+class TensorRTUnavailableError(FaceopsError):
+    """``--trt`` was asked for where no engine can be built and parity-checked."""
+
+
 def unavailable_reason() -> str | None:
-    """Why no engine can be built here (None when one can)."""
+    """Why no engine can be built and checked here (None when one can)."""
     if not torch.cuda.is_available():
-        return "skipped: no CUDA device"
+        return "no CUDA device"
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        if shutil.which("trtexec") is None:
-            return "skipped: neither the tensorrt Python package nor trtexec is installed"
+        return "the tensorrt Python package is not installed"
     return None
+
+
+def require_tensorrt() -> None:
+    """Raise :class:`TensorRTUnavailableError` (naming why and what to do) unless engines can be built."""
+    reason = unavailable_reason()
+    if reason:
+        raise TensorRTUnavailableError(
+            f"--trt builds TensorRT engines here and gates them on parity, which needs a CUDA device and the "
+            f"tensorrt Python package: {reason}. Drop --trt (trt=false) to export the ONNX models alone: "
+            "on a GPU Triton they already run through TensorRT, built by the server "
+            "(export.gpu_accelerator=tensorrt); or run the export on a GPU node with TensorRT installed")
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, cfg: ExportConfig, input_shape: tuple,
@@ -40,11 +54,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, cfg: ExportConf
 
     ``int8`` expects a QDQ-quantized ONNX (explicit quantization), see :mod:`faceops.export.int8`.
     """
+    import tensorrt as trt
+
     engine_path = Path(engine_path)
-    try:
-        import tensorrt as trt
-    except ImportError:
-        return _build_with_trtexec(onnx_path, engine_path, cfg, input_shape, int8)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -69,24 +81,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, cfg: ExportConf
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(bytes(serialized))
     log.info("TensorRT engine -> %s (fp16=%s int8=%s)", engine_path, cfg.trt_fp16, int8)
-    return engine_path
-
-
-def _build_with_trtexec(onnx_path, engine_path: Path, cfg: ExportConfig, input_shape: tuple,
-                        int8: bool) -> Path:
-    exe = shutil.which("trtexec")
-    if exe is None:
-        raise FaceopsError("TensorRT: neither the tensorrt Python package nor trtexec is installed")
-    dims = "x".join(str(d) for d in input_shape)
-    opt = max(cfg.preferred_batch_sizes or [cfg.max_batch_size])
-    cmd = [exe, f"--onnx={onnx_path}", f"--saveEngine={engine_path}", f"--minShapes=input:1x{dims}",
-           f"--optShapes=input:{opt}x{dims}", f"--maxShapes=input:{cfg.max_batch_size}x{dims}",
-           f"--memPoolSize=workspace:{cfg.trt_workspace_mb}"]
-    cmd += ["--fp16"] if cfg.trt_fp16 else []
-    cmd += ["--int8"] if int8 else []
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise FaceopsError(f"trtexec failed for {onnx_path}: {done.stdout[-2000:]}{done.stderr[-2000:]}")
     return engine_path
 
 

@@ -7,11 +7,19 @@ Each export adds a new version number per model. Publishing is two-phase (``publ
 file goes into its new version folder first, where Triton ignores it (configs name the versions
 they serve: ``version_policy: specific``); only then are the configs switched, leaf models before
 the ensembles that pin them. An export that fails half-way leaves Triton serving what it served.
+
+What a config asks of the server is resolved here, at export time, because the chart cannot edit model
+configs: the instance kind follows the target Triton's GPUs (:func:`resolve_instance_kind`), GPU
+instances of ONNX models carry ONNX Runtime's TensorRT accelerator (Triton builds the engines on its
+own GPU), and every non-ensemble model a zero-input warm-up, so loading (and engine building) happens
+before the model turns READY, never on the first request.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +38,12 @@ ENSEMBLE_MARKER = "ENSEMBLE"  # an ensemble's version folder holds no model file
 
 #: platform -> model file inside a version folder
 MODEL_FILES: dict[str, str] = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
+#: GPUs of each pod of the Triton the export is for; the chart's ConfigMap (kfp.configMapName) sets it
+#: from triton.gpu.count, so export.instance_kind=auto follows the deployed server.
+TRITON_GPUS_ENV = "FACEOPS_TRITON_GPUS"
+#: name of ONNX Runtime's TensorRT execution accelerator in Triton's onnxruntime backend
+TENSORRT_ACCELERATOR = "tensorrt"
+WARMUP_NAME = "zeros"
 
 
 class ModelConfigError(FaceopsError):
@@ -42,11 +56,41 @@ class TensorSpec:
     dims: tuple[int, ...]  # without the batch dimension (Triton adds it when max_batch_size > 0)
 
 
+def target_gpus(environ: Mapping[str, str] | None = None) -> int | None:
+    """GPUs per pod of the Triton the export is for (``FACEOPS_TRITON_GPUS``); None when not told."""
+    raw = (os.environ if environ is None else environ).get(TRITON_GPUS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise FaceopsError(f"{TRITON_GPUS_ENV}={raw!r}: expected the target Triton's GPU count (0, 1, ...); "
+                           "the chart sets it from triton.gpu.count")
+    return int(raw)
+
+
+def resolve_instance_kind(cfg: ExportConfig, environ: Mapping[str, str] | None = None) -> str:
+    """The instance_group kind to write: ``export.instance_kind``, with ``auto`` resolved from the
+    target Triton's GPU count. KIND_GPU for a Triton without GPUs is refused: it would never load."""
+    gpus = target_gpus(environ)
+    if cfg.instance_kind == "auto":
+        if gpus is None:  # e.g. a local run: the bundled Triton serves on CPU anyway
+            log.info("export.instance_kind=auto and %s is not set: KIND_CPU instances, which every Triton "
+                     "loads (on the cluster the chart's ConfigMap sets it from triton.gpu.count)", TRITON_GPUS_ENV)
+        return "KIND_GPU" if gpus else "KIND_CPU"
+    if cfg.instance_kind == "KIND_GPU" and gpus == 0:
+        raise FaceopsError(f"export.instance_kind = KIND_GPU, but the target Triton has no GPU "
+                           f"({TRITON_GPUS_ENV}=0, the chart's triton.gpu.count): it cannot load KIND_GPU "
+                           "models; use export.instance_kind=auto (or KIND_CPU), or give Triton a GPU")
+    return cfg.instance_kind
+
+
 def model_config(name: str, platform: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
-                 cfg: ExportConfig, instance_kind: str | None = None,
-                 contract: InputContract | None = None) -> mc.ModelConfig:
-    """A ModelConfig for one ONNX/TensorRT model with the export's batching and instance settings, and
-    the model's input contract as ``parameters`` (what the client prepares faces by)."""
+                 cfg: ExportConfig, instance_kind: str, contract: InputContract | None = None, *,
+                 precision: str | None = None) -> mc.ModelConfig:
+    """A ModelConfig for one ONNX/TensorRT model with the export's batching, instance, accelerator and
+    warm-up settings, and the model's input contract as ``parameters`` (what the client prepares faces by).
+
+    ``instance_kind`` is resolved already (:func:`resolve_instance_kind`); ``precision`` is the TensorRT
+    precision of Triton's accelerator (default: FP16 when ``cfg.trt_fp16``; INT8 for a QDQ model)."""
     c = mc.ModelConfig(name=name, platform=platform, max_batch_size=cfg.max_batch_size)
     if contract is not None:
         set_triton_parameters(c, contract)
@@ -56,9 +100,54 @@ def model_config(name: str, platform: str, inputs: list[TensorSpec], outputs: li
     c.dynamic_batching.preferred_batch_size.extend(cfg.preferred_batch_sizes)
     c.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
     group = c.instance_group.add()
-    group.kind = mc.ModelInstanceGroup.Kind.Value(instance_kind or cfg.instance_kind)
+    group.kind = mc.ModelInstanceGroup.Kind.Value(instance_kind)
     group.count = cfg.instance_count
+    if (platform == "onnxruntime_onnx" and instance_kind == "KIND_GPU"
+            and cfg.gpu_accelerator == TENSORRT_ACCELERATOR):
+        _add_tensorrt_accelerator(c, inputs, cfg, precision or ("FP16" if cfg.trt_fp16 else "FP32"))
+    if cfg.warmup:
+        _add_warmup(c, inputs)
     return c
+
+
+def _add_tensorrt_accelerator(c: mc.ModelConfig, inputs: list[TensorSpec], cfg: ExportConfig,
+                              precision: str) -> None:
+    """ONNX Runtime's TensorRT execution provider (keys of Triton's onnxruntime backend README; an
+    unknown key fails the model load). One optimisation profile spans batch 1..max_batch_size, so the
+    engine built at warm-up serves every batch the dynamic batcher forms without a rebuild."""
+    opt = max(cfg.preferred_batch_sizes or [cfg.max_batch_size])
+    params = {"precision_mode": precision,
+              "max_workspace_size_bytes": str(cfg.trt_workspace_mb << 20),
+              "trt_profile_min_shapes": _profile(inputs, 1),
+              "trt_profile_opt_shapes": _profile(inputs, opt),
+              "trt_profile_max_shapes": _profile(inputs, cfg.max_batch_size)}
+    if cfg.trt_engine_cache:
+        params["trt_engine_cache_enable"] = "true"
+        params["trt_engine_cache_path"] = cfg.trt_engine_cache_path
+    accelerator = c.optimization.execution_accelerators.gpu_execution_accelerator.add(name=TENSORRT_ACCELERATOR)
+    accelerator.parameters.update(params)
+
+
+def _profile(inputs: list[TensorSpec], batch: int) -> str:
+    return ",".join(f"{t.name}:{'x'.join(str(d) for d in (batch, *t.dims))}" for t in inputs)
+
+
+def _add_warmup(c: mc.ModelConfig, inputs: list[TensorSpec]) -> None:
+    """One zero batch of one face per input: Triton runs it while loading each version."""
+    sample = c.model_warmup.add(name=WARMUP_NAME, batch_size=1)
+    for spec in inputs:
+        sample.inputs[spec.name].data_type = mc.TYPE_FP32
+        sample.inputs[spec.name].dims.extend(spec.dims)
+        sample.inputs[spec.name].zero_data = True
+
+
+def accelerator_precision(config: mc.ModelConfig) -> str | None:
+    """The TensorRT precision Triton serves ``config`` in ("FP16", "INT8", "FP32"), None without the
+    TensorRT accelerator: what a check of the served outputs must allow for."""
+    for accelerator in config.optimization.execution_accelerators.gpu_execution_accelerator:
+        if accelerator.name == TENSORRT_ACCELERATOR:
+            return accelerator.parameters.get("precision_mode", "FP32")
+    return None
 
 
 def ensemble_config(name: str, dsr: str, recognizer: str, vlr_dims: tuple[int, int, int],
