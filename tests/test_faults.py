@@ -215,7 +215,7 @@ def export(nets, repo_uri: str) -> dict:
 def served_versions(repo: ObjectStore) -> dict[str, set[int]]:
     """model -> the versions Triton would serve: models with a config.pbtxt, under its version_policy."""
     from faceops.export import parse_config
-    from faceops.serve.local import served_versions as policy_versions
+    from faceops.export.triton_repo import served_versions as policy_versions
 
     models = {k.split("/")[0] for k in repo.list() if k.count("/") == 1 and k.endswith("/config.pbtxt")}
     return {m: set(policy_versions(repo, m, parse_config(repo.get_bytes(f"{m}/config.pbtxt").decode())))

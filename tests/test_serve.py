@@ -24,6 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from faceops.data.degrade import DegradeConfig
 from faceops.data.prepare import prepare_face
 from faceops.data.tensors import to_input, to_input_numpy
+from faceops.errors import FaceopsError
 from faceops.export import ExportConfig, export_modules, parse_config, run_onnx
 from faceops.export.onnx_export import FusedVLR
 from faceops.models import DSRConfig, RecognizerConfig, create_dsr, create_recognizer
@@ -421,3 +422,19 @@ def test_cli_gallery_build_and_identify_on_an_ingested_dataset(server, faces_roo
     assert main(["identify", str(source / enrolled), "--gallery", gallery_uri, "--url", url, "--top-k", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"1. {identity} ") and "score 1.0000" in lines[0]
+
+
+def test_deploy_check_waits_for_the_newest_published_version(models, tmp_path):
+    """On a cluster Triton loads a new version at its next poll: the deploy check waits for that
+    version (not whatever was served before), and says which ones never came."""
+    from faceops.serve.deploy import check_server
+
+    repo = tmp_path / "repo"
+    cfg = ExportConfig(max_batch_size=8, preferred_batch_sizes=[8])
+    export_modules(models[0], str(repo), cfg=cfg, contract=CONTRACT)
+    faces = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
+    with LocalTriton(str(repo)) as triton:  # serves a copy of v1; never sees later versions
+        assert check_server(triton.grpc_url, str(repo), faces)["recognizer_version"] == 1
+        export_modules(models[0], str(repo), cfg=cfg, contract=CONTRACT)  # v2 published after start
+        with pytest.raises(FaceopsError, match=r"does not serve \['recognizer v2'\] .* after 3 s"):
+            check_server(triton.grpc_url, str(repo), faces, timeout_s=3)

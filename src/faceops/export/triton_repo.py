@@ -203,6 +203,17 @@ def versions(store: ObjectStore, model: str) -> list[int]:
     return sorted(found)
 
 
+def served_versions(store: ObjectStore, name: str, config: mc.ModelConfig) -> list[int]:
+    """The versions of ``name`` that Triton serves from ``store`` under ``config.version_policy``."""
+    found = versions(store, name)
+    policy = config.version_policy
+    if policy.HasField("specific"):
+        return [v for v in found if v in set(policy.specific.versions)]
+    if policy.HasField("all"):
+        return found
+    return found[-(policy.latest.num_versions or 1):]
+
+
 def next_version(store: ObjectStore, model: str) -> int:
     return (versions(store, model) or [0])[-1] + 1
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from faceops.errors import FaceopsError
-from faceops.export.triton_repo import CONFIG, MODEL_FILES, ModelConfigError, parse_config, to_text, versions
+from faceops.export.triton_repo import CONFIG, MODEL_FILES, ModelConfigError, parse_config, served_versions, to_text
 from faceops.storage import IntegrityError, LocalStore, NotFoundError, ObjectStore, open_store
 
 log = logging.getLogger(__name__)
@@ -71,17 +71,6 @@ def _pytriton_root() -> Path:
     except ImportError:
         raise ServerError("the local Triton needs nvidia-pytriton: pip install 'faceops[serve]'") from None
     return Path(pytriton.__file__).parent / "tritonserver"
-
-
-def served_versions(store: ObjectStore, name: str, config: mc.ModelConfig) -> list[int]:
-    """The versions of ``name`` that Triton serves from ``store`` under ``config.version_policy``."""
-    found = versions(store, name)
-    policy = config.version_policy
-    if policy.HasField("specific"):
-        return [v for v in found if v in set(policy.specific.versions)]
-    if policy.HasField("all"):
-        return found
-    return found[-(policy.latest.num_versions or 1):]
 
 
 def materialise(repo_uri: str, dest: str | Path, cfg: LocalServeConfig | None = None,
