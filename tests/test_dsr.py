@@ -1,5 +1,6 @@
-"""DSR training: each loss against hand-computed values, the frozen recognizer, train steps at both VLR
-sizes, and exact resume after SIGKILL through ``faceops train dsr``."""
+"""DSR training: each loss against hand-computed values, the frozen recognizer, training pairs made
+from augmented HR faces by the dataset's own degradation, train steps at both VLR sizes, and exact
+resume after SIGKILL through ``faceops train dsr``."""
 
 import math
 import os
@@ -7,15 +8,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import kill_at_first_checkpoint
 
-from faceops.config import to_dict
+from faceops.config import ConfigError, to_dict
+from faceops.data.augment import AugmentConfig
+from faceops.data.degrade import DegradeConfig, degrade
+from faceops.data.manifest import DatasetError, load_manifest
+from faceops.data.reader import LoaderConfig, load_split
+from faceops.data.tensors import to_uint8
 from faceops.models import DSRNet, RecognizerConfig, create_recognizer
+from faceops.models.contract import ContractConflictError
 from faceops.train.checkpoint import load_checkpoint, load_model, save_checkpoint
-from faceops.train.dsr import DSRTrainConfig, dsr_recipe, train_dsr
+from faceops.train.dsr import (
+    DSRTrainConfig,
+    check_reproduces,
+    dsr_recipe,
+    train_dsr,
+    training_batches,
+    training_degradation,
+)
 from faceops.train.losses import (
     DSRLoss,
     DSRLossConfig,
@@ -120,6 +135,7 @@ def test_seed_weights_for_both_sizes():
     assert (r14.loader.batch_size, r14.engine.optim.lr, r14.model.base_channels) == (16, 1.5e-4, 112)
     aug = r32.loader.augment
     assert (aug.rotate_p, aug.rotate_deg, aug.jitter_p) == (0.65, 6.0, 0.3)
+    assert aug.noise_std == r14.loader.augment.noise_std == 0.0  # a DSR input's noise is the degradation's
     assert (r32.engine.monitor, r32.engine.monitor_mode) == ("val_identity_cosine", "max")
     assert r14.model.vlr_size == r14.loader.vlr_view == "14x16"
 
@@ -167,6 +183,75 @@ def test_recognizer_frozen_and_in_eval_mode():
     assert all(p.grad is None and not p.requires_grad for p in rec.parameters())
     assert all(p.grad is not None for p in dsr.parameters())
     assert all(torch.equal(v, before[k]) for k, v in rec.state_dict().items())
+
+
+# -- training pairs: the augmented HR face, degraded as the dataset's VLR view was (issue 11) ----------
+IDENTITY_GEOMETRY = AugmentConfig(flip_p=0.0, rotate_p=0.0, translate=0.0, jitter_p=0.0, noise_std=0.0)
+
+
+@pytest.fixture(scope="module")
+def blurred_dataset(tmp_path_factory) -> str:
+    """A small dataset whose 32x32 view was blurred and JPEG-compressed at ingest."""
+    from faceops.data.ingest import IngestConfig, TrainClassConfig, ingest
+    from faceops.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("blurred")
+    faces = synthesize(root / "faces", identities=8, images_per_identity=4, seed=3, progress=False)
+    cfg = IngestConfig(train_classes=TrainClassConfig(rule="all"), pairs_per_split=10, workers=1,
+                       degrade=DegradeConfig(sizes=["32x32"], blur_sigma=(0.8, 0.8), jpeg_quality=(80, 80)))
+    return ingest(str(faces), "blurred", str(root / "store"), cfg, progress=False).uri
+
+
+def first_batch(cfg: DSRTrainConfig) -> tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]:
+    """Training batch 0 as the engine receives it, with the stored HR and VLR faces it was made from."""
+    train = load_split(cfg.data, "train", views=["hr", f"vlr_{cfg.vlr_size}"])
+    ds = training_batches(cfg, train, load_manifest(cfg.data))
+    idx = ds.order[:cfg.loader.batch_size]
+    return ds.to_device(ds[0], torch.device("cpu")), train.hr[idx], train.vlr[cfg.vlr_size][idx]
+
+
+@pytest.mark.parametrize("size", ["32x32", "14x16"])
+def test_identity_geometry_trains_on_the_stored_pairs(size, tiny_dataset, tmp_path):
+    cfg = tiny_dsr_cfg(tiny_dataset, tmp_path, "", size)
+    cfg.loader.augment = IDENTITY_GEOMETRY
+    batch, hr, vlr = first_batch(cfg)
+    assert np.array_equal(to_uint8(batch["vlr"]), vlr)  # the VLR faces evaluation feeds, byte for byte
+    assert np.array_equal(to_uint8(batch["hr"]), hr)
+
+
+def test_augmented_inputs_are_the_augmented_targets_degraded(tiny_dataset, tmp_path):
+    cfg = tiny_dsr_cfg(tiny_dataset, tmp_path, "")  # the 32x32 recipe's augmentation
+    batch, hr, _ = first_batch(cfg)
+    target = to_uint8(batch["hr"])
+    assert not np.array_equal(target, hr)
+    expected = np.stack([degrade(x, "32x32", DegradeConfig(), seed=0) for x in target])  # ingest's own code
+    assert np.array_equal(to_uint8(batch["vlr"]), expected)
+
+
+def test_training_degrades_as_the_manifest_says(blurred_dataset, recognizer_ckpt, tmp_path):
+    cfg = tiny_dsr_cfg(blurred_dataset, tmp_path, recognizer_ckpt)
+    deg = training_degradation(cfg, load_manifest(blurred_dataset))
+    assert (deg.blur_sigma, deg.noise_std, deg.jpeg_quality) == ((0.8, 0.8), (0.0, 0.0), (80, 80))
+    cfg.loader.augment = IDENTITY_GEOMETRY
+    batch, _, vlr = first_batch(cfg)
+    assert np.array_equal(to_uint8(batch["vlr"]), vlr)  # blurred and JPEG-compressed as stored
+    cfg.degrade = DegradeConfig(blur_sigma=(0.8, 0.8), jpeg_quality=(80, 80))  # stating it is fine
+    first_batch(cfg)
+    cfg.degrade = DegradeConfig(blur_sigma=(0.5, 0.5), jpeg_quality=(80, 80))
+    with pytest.raises(ContractConflictError, match=r"blur_sigma = \[0.5, 0.5\].*blur_sigma = \[0.8, 0.8\]"):
+        train_dsr(cfg)
+
+
+def test_a_vlr_view_its_manifest_does_not_explain_is_refused(tiny_dataset):
+    train = load_split(tiny_dataset, "train", views=["hr", "vlr_32x32"])
+    check_reproduces(train, DegradeConfig(), "32x32", "tiny")  # ingest's default degradation: as stored
+    with pytest.raises(DatasetError, match="not its HR faces degraded as its manifest says"):
+        check_reproduces(train, DegradeConfig(blur_sigma=(1.0, 1.0)), "32x32", "tiny")
+
+
+def test_dsr_inputs_take_no_noise_beyond_the_degradation():
+    with pytest.raises(ConfigError, match="dsr.loader.augment.noise_std must be 0"):
+        DSRTrainConfig(loader=LoaderConfig(augment=AugmentConfig(noise_std=0.01)))
 
 
 # -- training through the engine --------------------------------------------------------------------

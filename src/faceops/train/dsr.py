@@ -7,14 +7,19 @@ kept out of the engine's modules so it never trains. Validation reports PSNR, SS
 cosine (recognizer(SR) vs recognizer(HR)) every epoch, beside the bicubic baseline computed once;
 the engine keeps ``best.pt`` by identity cosine.
 
+Training pairs are made on the training device (:class:`~faceops.data.augment.SRPairAugment`): the HR
+face is augmented and then degraded into the VLR input by the degradation the dataset's manifest
+records (ingest's ``degrade``), so the model learns on the VLR faces evaluation feeds it (resampling
+the stored pair instead blurred both faces, issue 11).
+
 Defaults are seed 003's 32x32 recipe (batch 14, AdamW lr 1.3e-4 with warm-up, rotation +-6 deg with
-p=0.65, colour jitter p=0.3, applied identically to the VLR input and its HR target);
-:func:`dsr_recipe` gives the 14x16 one.
+p=0.65, colour jitter p=0.3); :func:`dsr_recipe` gives the 14x16 one.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -22,18 +27,25 @@ import torch
 from torch import nn
 
 from faceops.config import check, to_dict
-from faceops.data.augment import AugmentConfig
-from faceops.data.degrade import upsample_bicubic
+from faceops.data.augment import AugmentConfig, SRPairAugment
+from faceops.data.degrade import DegradeConfig, degrade_batch, upsample_bicubic
 from faceops.data.manifest import DatasetError, load_manifest
-from faceops.data.reader import LoaderConfig, SplitData, load_split
+from faceops.data.reader import BatchDataset, LoaderConfig, SplitData, load_split
 from faceops.data.tensors import to_input, to_uint8
 from faceops.errors import FaceopsError
 from faceops.evaluate.sr_metrics import identity_cosine, psnr, ssim
 from faceops.models import DSRConfig, create_dsr, parse_size
-from faceops.models.contract import checkpoint_entry
-from faceops.train.engine import EngineConfig, FitResult, OptimConfig, ScheduleConfig, resolve_device
+from faceops.models.contract import (
+    DEGRADE_FIELDS,
+    ContractConflictError,
+    InputContract,
+    checkpoint_entry,
+    explicit_fields,
+    shown,
+)
+from faceops.train.engine import Engine, EngineConfig, FitResult, OptimConfig, ScheduleConfig, resolve_device
 from faceops.train.losses import DSRLoss, DSRLossConfig, RecognizerStages, loss_config_for
-from faceops.train.recognizer import embed_arrays, fit_task
+from faceops.train.recognizer import embed_arrays, run_id_for
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +60,12 @@ def _dsr_engine() -> EngineConfig:
     )
 
 
+def _dsr_augment() -> AugmentConfig:
+    # seed 003 32x32: rotation +-6 deg p=0.65, jitter p=0.3 (0.93-1.07); no input noise: a DSR input's
+    # noise is the dataset's degradation (ingest.degrade.noise_std), as at evaluation
+    return AugmentConfig(noise_std=0.0)
+
+
 @dataclass
 class DSRTrainConfig:
     data: str | None = None  # dataset URI with an HR view and the VLR view; --data overrides
@@ -56,8 +74,12 @@ class DSRTrainConfig:
     vlr_size: str = "32x32"  # VLR view to super-resolve (WxH); one DSR model per size
     model: DSRConfig = field(default_factory=DSRConfig)  # model.vlr_size follows vlr_size
     losses: DSRLossConfig = field(default_factory=DSRLossConfig)
-    loader: LoaderConfig = field(default_factory=lambda: LoaderConfig(batch_size=14, augment=AugmentConfig()))
-    #   batch 14 (seed 003); augment defaults are the DSR recipe; loader.vlr_view follows vlr_size
+    loader: LoaderConfig = field(default_factory=lambda: LoaderConfig(batch_size=14, augment=_dsr_augment()))
+    #   batch 14 (seed 003); augment: the DSR recipe, applied to the HR face before it is degraded into
+    #   the VLR input; loader.vlr_view follows vlr_size
+    degrade: DegradeConfig | None = None  # the VLR degradation to learn; null: the dataset's (its manifest's
+    #   ingest.degrade); set, it must equal the dataset's (blur_sigma, noise_std, jpeg_quality) or training
+    #   stops naming both
     engine: EngineConfig = field(default_factory=_dsr_engine)
     val_split: str = "val"  # split for PSNR/SSIM/identity cosine; skipped when the dataset lacks it
     val_max_images: int = 512  # validation images (evenly spaced over the split) to bound its cost
@@ -76,13 +98,16 @@ class DSRTrainConfig:
         self.loader.vlr_view = self.vlr_size
         check(self.val_max_images >= 1, f"dsr.val_max_images must be >= 1, got {self.val_max_images}")
         check(self.eval_batch_size >= 1, f"dsr.eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        check(not self.loader.augment.enabled or self.loader.augment.noise_std == 0,
+              f"dsr.loader.augment.noise_std must be 0, got {self.loader.augment.noise_std}: a DSR input's noise "
+              "is the dataset's degradation (ingest.degrade.noise_std), the same at training and evaluation")
 
 
 def _augment_14x16() -> AugmentConfig:
     # seed 003, the 14x16 values it moved from: rotation +-5 deg p=0.60, jitter p=0.25
     # (brightness/contrast 0.95-1.05, saturation 0.97-1.03)
     return AugmentConfig(rotate_p=0.60, rotate_deg=5.0, jitter_p=0.25, brightness=0.05, contrast=0.05,
-                         saturation=0.03)
+                         saturation=0.03, noise_std=0.0)
 
 
 def dsr_recipe(vlr_size: str = "32x32") -> DSRTrainConfig:
@@ -161,6 +186,62 @@ class DSRTask:
                 "hr_size": self.cfg.model.hr_size, "recognizer": self.recognizer_uri, **self._contract_meta}
 
 
+# -- training pairs: augmented HR faces, degraded on the device ----------------------------------------
+def training_degradation(cfg: DSRTrainConfig, manifest: dict) -> DegradeConfig:
+    """The degradation that made the dataset's VLR view (its manifest's ingest config), which training
+    applies to augmented HR faces; an explicit ``dsr.degrade`` that differs is an error naming both."""
+    recorded = InputContract.from_manifest(manifest, cfg.vlr_size, f"{cfg.data} manifest")
+    for name, value in explicit_fields(degrade=cfg.degrade).items():
+        if value != getattr(recorded, name):
+            raise ContractConflictError(
+                f"dsr.degrade.{name} = {shown(value)}, but {cfg.data} made its VLR faces with {name} = "
+                f"{shown(getattr(recorded, name))} (manifest config.degrade): a DSR model must learn the "
+                "degradation its evaluation faces have; drop dsr.degrade or re-ingest with ingest.degrade."
+                f"{name} = {shown(value)}")
+    return recorded.degrade_config([cfg.vlr_size])
+
+
+#: Stored faces compared with their on-the-fly degradation before training (a bounded, one-off cost).
+REPRODUCE_CHECK_IMAGES = 64
+
+
+def check_reproduces(train: SplitData, degrade: DegradeConfig, vlr_size: str, source: str) -> None:
+    """Stop when degrading the stored HR faces does not give the stored VLR faces (a dataset made by
+    another degradation than its manifest says). Only a deterministic degradation can be compared."""
+    drawn = (degrade.blur_sigma[0] != degrade.blur_sigma[1] or degrade.noise_std[1] > 0
+             or (degrade.jpeg_quality is not None and degrade.jpeg_quality[0] != degrade.jpeg_quality[1]))
+    if drawn or len(train) == 0:
+        return
+    n = min(len(train), REPRODUCE_CHECK_IMAGES)
+    hr = torch.from_numpy(train.hr[:n]).permute(0, 3, 1, 2)
+    made = degrade_batch(hr, vlr_size, degrade, torch.Generator()).permute(0, 2, 3, 1).numpy()
+    diff = np.abs(made.astype(np.int16) - train.vlr[vlr_size][:n])
+    if diff.max() > 1:  # Pillow's arithmetic is reproduced exactly; allow a level for other Pillows
+        raise DatasetError(
+            f"{source}: its stored {vlr_size} faces are not its HR faces degraded as its manifest says "
+            f"({', '.join(f'{k}={shown(getattr(degrade, k))}' for k in DEGRADE_FIELDS)}): up to "
+            f"{int(diff.max())} levels apart on {int((diff.max(axis=(1, 2, 3)) > 1).sum())} of {n} faces; "
+            "re-ingest it so that DSR training and evaluation see the same VLR faces")
+
+
+class SRPairBatches(BatchDataset):
+    """Training batches whose VLR inputs are made on the training device from augmented HR faces
+    (:class:`~faceops.data.augment.SRPairAugment`): the loader gathers HR bytes only."""
+
+    def __init__(self, data: SplitData, cfg: LoaderConfig, seed: int, vlr_size: str, degrade: DegradeConfig,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(data, replace(cfg, vlr_view=None), seed, train=True, rank=rank, world_size=world_size)
+        self.augment = SRPairAugment(cfg.augment, vlr_size, degrade)
+
+
+def training_batches(cfg: DSRTrainConfig, train: SplitData, manifest: dict) -> SRPairBatches:
+    """The DSR training set of ``cfg`` over ``train`` (this process's DDP rank)."""
+    degrade = training_degradation(cfg, manifest)
+    check_reproduces(train, degrade, cfg.vlr_size, str(cfg.data))
+    return SRPairBatches(train, cfg.loader, cfg.engine.seed, cfg.vlr_size, degrade,
+                         rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+
+
 # -- entry point ------------------------------------------------------------------------------------
 def evenly_spaced(data: SplitData, n: int) -> SplitData:
     """At most ``n`` images spread over the split (identities stay represented); pairs dropped."""
@@ -205,11 +286,14 @@ def train_dsr(cfg: DSRTrainConfig, resume: bool = False) -> FitResult:
                            "dsr.out) and the frozen recognizer checkpoint (dsr.recognizer=URI)")
     manifest = load_manifest(cfg.data)
     train, val = _view_splits(cfg, manifest)
+    train_set = training_batches(cfg, train, manifest)  # before the recognizer: a degradation error is early
     device = resolve_device(cfg.engine.device)
     recognizer = load_frozen_recognizer(cfg.recognizer, device)
     log.info("training DSR %s -> %dpx on %d images (%s), losses from %s", cfg.vlr_size, cfg.model.hr_size,
              len(train), cfg.data, cfg.recognizer)
     torch.manual_seed(cfg.engine.seed)  # the DSR's initial weights are part of the run's recipe
     task = DSRTask(cfg, recognizer, val, device, cfg.recognizer)
-    return fit_task(task, train, cfg.loader, cfg.engine, cfg.out, to_dict(cfg), manifest["content_hash"],
-                    resume)
+    engine = Engine(task, train_set, cfg.engine, cfg.out, run_id=run_id_for(cfg.out), run_config=to_dict(cfg),
+                    model_name=task.model_name, dataset_hash=manifest["content_hash"])
+    task.wrapped = engine.wrapped
+    return engine.fit(resume=resume)
