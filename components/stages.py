@@ -105,14 +105,44 @@ def finetune_edgeface(
     metrics: Output[Metrics],
 ):
     """Two-stage fine-tuning of the recognizer on DSR outputs."""
-    from faceops.stages import finetune_args, log_training, train_stage
+    from faceops.stages import finetune_stage, log_training
 
-    r = train_stage(
-        "finetune",
+    r = finetune_stage(
         dataset.metadata["uri"],
-        f"{run_root}/recognizer_finetuned",
+        recognizer.metadata["uri"],
+        run_root,
         config_yaml,
-        finetune_args(recognizer.metadata["uri"], dsr.metadata["uri"], dsr.metadata["vlr_size"]),
+        dsr.metadata["vlr_size"],
+        dsr_uri=dsr.metadata["uri"],
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+        log_dir=log_dir,
+    )
+    log_training(r, model, metrics, "recognizer")
+
+
+@dsl.component(base_image=TRAINER, install_kfp_package=INSTALL_KFP)
+def finetune_bicubic(
+    dataset: Input[Dataset],
+    recognizer: Input[Model],
+    config_yaml: str,
+    run_root: str,
+    vlr_size: str,
+    gpus_per_node: int,
+    nodes: int,
+    log_dir: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """The control for finetune_edgeface: the same fine-tune on bicubic-upsampled VLR faces, no DSR."""
+    from faceops.stages import finetune_stage, log_training
+
+    r = finetune_stage(
+        dataset.metadata["uri"],
+        recognizer.metadata["uri"],
+        run_root,
+        config_yaml,
+        vlr_size,
         gpus_per_node=gpus_per_node,
         nodes=nodes,
         log_dir=log_dir,
@@ -149,13 +179,14 @@ def evaluate_vlr(
     recognizer: Input[Model],
     dsr: Input[Model],
     finetuned: Input[Model],
+    finetuned_bicubic: Input[Model],
     config_yaml: str,
     run_root: str,
     log_dir: str,
     metrics: Output[Metrics],
     report: Output[HTML],
 ):
-    """HR / VLR-bicubic / VLR-DSR / VLR-DSR + fine-tuned, SR metrics and sample grids."""
+    """HR / VLR-bicubic (+ fine-tuned: the control) / VLR-DSR (+ fine-tuned), SR metrics and sample grids."""
     from faceops.stages import evaluate_stage, log_evaluation
 
     r = evaluate_stage(
@@ -165,6 +196,7 @@ def evaluate_vlr(
         config_yaml,
         dsr_uris=[dsr.metadata["uri"]],
         finetuned_uri=finetuned.metadata["uri"],
+        finetuned_bicubic_uri=finetuned_bicubic.metadata["uri"],
         vlr_sizes=[dsr.metadata["vlr_size"]],
         log_dir=log_dir,
     )

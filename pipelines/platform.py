@@ -28,7 +28,7 @@ class ClusterConfig:
     gpu_toleration: bool = False  # tolerate the nvidia.com/gpu NoSchedule taint on GPU nodes
     toleration_key: str = "nvidia.com/gpu"
     s3_secret: str = "faceops-s3"  # Secret whose keys become env vars (FACEOPS_S3_*)
-    env_configmap: str = "faceops-env"  # ConfigMap with FACEOPS_PUSHGATEWAY / FACEOPS_TRITON_URL
+    env_configmap: str = "faceops-env"  # the chart's ConfigMap: FACEOPS_PUSHGATEWAY, _TRITON_URL, _TRITON_GPUS
     shm_size: str = "2Gi"  # /dev/shm emptyDir (medium Memory) for DataLoader workers
     cache_training: bool = False  # KFP caching of training steps (ingest is always cached)
     retries: int = 2  # retries of each task on transient failure
@@ -91,7 +91,7 @@ def apply(task, cfg: ClusterConfig, *, gpu_task: bool, cache: bool) -> None:
         k: k for k in ("FACEOPS_S3_ENDPOINT", "FACEOPS_S3_ACCESS_KEY", "FACEOPS_S3_SECRET_KEY",
                        "FACEOPS_S3_SECURE", "FACEOPS_S3_REGION")})
     kubernetes.use_config_map_as_env(task, config_map_name=cfg.env_configmap, config_map_key_to_env={
-        "FACEOPS_PUSHGATEWAY": "FACEOPS_PUSHGATEWAY", "FACEOPS_TRITON_URL": "FACEOPS_TRITON_URL"},
+        k: k for k in ("FACEOPS_PUSHGATEWAY", "FACEOPS_TRITON_URL", "FACEOPS_TRITON_GPUS")},
         optional=True)
     if gpu_task:
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",

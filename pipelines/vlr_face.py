@@ -1,9 +1,14 @@
-"""vlr_face: ingest -> recognizer -> DSR -> fine-tune on DSR outputs -> evaluate -> export -> deploy."""
+"""vlr_face: ingest -> recognizer -> DSR -> fine-tune on DSR outputs -> evaluate -> export -> deploy.
 
-from faceops.components import (
+Beside the fine-tune on DSR outputs runs its control, the same fine-tune on bicubic faces: the
+evaluation then tells what DSR adds from what the extra training adds.
+"""
+
+from faceops.components.stages import (
     deploy,
     evaluate_vlr,
     export_vlr,
+    finetune_bicubic,
     finetune_edgeface,
     train_dsr,
 )
@@ -27,7 +32,8 @@ def build(cluster: ClusterConfig | None = None):
     @dsl.pipeline(
         name="vlr-face",
         description="Very-low-resolution face recognition: a recognizer, a DSR "
-        "super-resolver and a recognizer fine-tuned on DSR outputs, evaluated, exported and served.",
+        "super-resolver and a recognizer fine-tuned on DSR outputs (beside its control, fine-tuned on bicubic faces), "
+        "evaluated, exported and served.",
     )
     def vlr_face(
         config_yaml: str = default_yaml,
@@ -69,11 +75,22 @@ def build(cluster: ClusterConfig | None = None):
             nodes=nodes,
             log_dir=log_dir,
         )
+        ft_bicubic = finetune_bicubic(
+            dataset=data,
+            recognizer=rec.outputs["model"],
+            config_yaml=config_yaml,
+            run_root=run_root,
+            vlr_size=vlr_size,
+            gpus_per_node=gpus_per_node,
+            nodes=nodes,
+            log_dir=log_dir,
+        )
         ev = evaluate_vlr(
             dataset=data,
             recognizer=rec.outputs["model"],
             dsr=dsr.outputs["model"],
             finetuned=ft.outputs["model"],
+            finetuned_bicubic=ft_bicubic.outputs["model"],
             config_yaml=config_yaml,
             run_root=run_root,
             log_dir=log_dir,
@@ -90,7 +107,7 @@ def build(cluster: ClusterConfig | None = None):
         )
         dep = deploy(repo=ex.outputs["repo"], dataset=data, triton_url=triton_url, log_dir=log_dir)
         dep.after(ev)
-        for task in (dsr, ft, ev, ex):
+        for task in (dsr, ft, ft_bicubic, ev, ex):
             apply(task, cluster, gpu_task=True, cache=cluster.cache_training)
         apply(dep, cluster, gpu_task=False, cache=False)
 

@@ -628,3 +628,24 @@ def test_cluster_doc_helm_install_renders():
     with helm.Chart.load(CHART) as loaded:
         loaded.validate_schema(values)
         assert "registry.example.com/ml/faceops-triton:0.1.0" in json.dumps(render(loaded, values))
+
+
+@pytest.mark.parametrize("name", ["vlr_face", "arcface_resnet34"])
+def test_every_configmap_key_a_pipeline_reads_is_in_the_charts_configmap(chart, name, tmp_path):
+    """The steps read FACEOPS_PUSHGATEWAY / _TRITON_URL / _TRITON_GPUS from the chart's ConfigMap; a key
+    the chart does not write is silently absent (the mapping is optional), e.g. a CPU export on GPUs."""
+    from faceops.run import compile_pipeline
+
+    cluster = CHART.parents[1] / "configs" / "cluster_gpu.yaml"
+    docs = list(yaml.safe_load_all(compile_pipeline(name, str(tmp_path / "p.yaml"), str(cluster)).read_text()))
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+    def cm_name(e: dict) -> str:
+        return e.get("configMapName") or e["configMapNameParameter"]["runtimeValue"]["constant"]
+
+    wanted = {(cm_name(e), m["configMapKey"])
+              for ex in executors.values() for e in ex.get("configMapAsEnv", []) for m in e["keyToEnv"]}
+    for scenario in SCENARIOS.values():
+        maps = {d["metadata"]["name"]: d.get("data", {}) for d in of_kind(render(chart, scenario), "ConfigMap")}
+        for cm, key in wanted:
+            assert key in maps.get(cm, {}), f"{name} reads {key} from ConfigMap {cm}, which the chart lacks"

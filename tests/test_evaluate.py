@@ -1,9 +1,11 @@
 """``faceops evaluate`` end to end: a tiny ingested synthetic dataset, tiny recognizer and DSR
-checkpoints (and their ONNX exports), through ``faceops.cli.main``; plus the real-LFW --images path."""
+checkpoints (and their ONNX exports), through ``faceops.cli.main``; the threshold protocol, the
+Y-channel SR figures, and the real-LFW --images path."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -17,11 +19,15 @@ from faceops.config import to_dict
 from faceops.data.degrade import DegradeConfig
 from faceops.data.ingest import IngestConfig, SplitConfig, _decode, ingest
 from faceops.data.prepare import PrepareConfig
+from faceops.data.reader import load_split
 from faceops.data.synth import synthesize
 from faceops.data.tensors import to_input
-from faceops.evaluate import FAR_TARGETS, SETTINGS, Embedder, evaluate, load_embedder
-from faceops.evaluate.data import load_face
+from faceops.evaluate import FAR_TARGETS, SETTINGS, Embedder, evaluate, load_embedder, summary_table
+from faceops.evaluate.data import PairSet, load_face
 from faceops.evaluate.models import torch_forward
+from faceops.evaluate.runner import EvalConfig
+from faceops.evaluate.sr_metrics import luma, sr_metrics
+from faceops.evaluate.verification import best_threshold, verification_metrics
 from faceops.models import DSRConfig, RecognizerConfig, create_dsr, create_recognizer
 from faceops.storage import sha256_bytes
 from faceops.train.checkpoint import save_checkpoint
@@ -30,7 +36,8 @@ DATA = Path(os.environ.get("FACEOPS_DATA", Path(__file__).resolve().parents[1].p
 LFW_PAIRS = DATA / "lfw_meta" / "pairsDevTrain.txt"
 LFW_IMAGES = DATA / "lfw_devtrain"
 SIZES = ("32x32", "14x16")
-VERIFICATION_KEYS = {"accuracy", "eer", "auc", "tar_at_far", "threshold"}
+VERIFICATION_KEYS = {"accuracy", "accuracy_se", "eer", "auc", "tar_at_far", "threshold", "pairs", "folds"}
+SR_KEYS = {"psnr", "ssim", "psnr_y", "ssim_y", "identity_cosine"}
 
 
 @pytest.fixture(autouse=True)
@@ -78,12 +85,13 @@ def world(tmp_path_factory) -> dict:
     dataset = ingest(str(src), "tiny", str(root / "store"), cfg, progress=False).uri
     rec, rec_model = _recognizer_ckpt(root / "rec.pt", 0)
     ft, _ = _recognizer_ckpt(root / "ft.pt", 1)
+    ft_bicubic, _ = _recognizer_ckpt(root / "ft_bicubic.pt", 4)
     dsr32, _ = _dsr_ckpt(root / "dsr32.pt", "32x32", 2)
     _, dsr14_model = _dsr_ckpt(root / "dsr14.pt", "14x16", 3)
     dsr14_onnx = _export(dsr14_model, root / "dsr14.onnx", (16, 14), "output")
     rec_onnx = _export(rec_model, root / "rec.onnx", (112, 112), "embedding")
-    return {"root": root, "dataset": dataset, "rec": rec, "ft": ft, "dsr32": dsr32, "dsr14_onnx": dsr14_onnx,
-            "rec_onnx": rec_onnx}
+    return {"root": root, "dataset": dataset, "rec": rec, "ft": ft, "ft_bicubic": ft_bicubic, "dsr32": dsr32,
+            "dsr14_onnx": dsr14_onnx, "rec_onnx": rec_onnx}
 
 
 def _check_blocks(block: dict, with_sr: bool) -> None:
@@ -92,19 +100,20 @@ def _check_blocks(block: dict, with_sr: bool) -> None:
     v = block["verification"]
     assert set(v) >= VERIFICATION_KEYS and set(v["tar_at_far"]) == set(FAR_TARGETS)  # the contract's keys, at least
     assert 0 <= v["eer"] <= 1 and 0 <= v["auc"] <= 1 and 0 <= v["accuracy"] <= 1
-    assert {"rank1", "rank5"} <= set(block["identification"])
+    assert {"rank1", "rank1_se", "rank5"} <= set(block["identification"])
     assert block["identification"]["rank1"] <= block["identification"]["rank5"]
     if with_sr:
         sr = block["super_resolution"]
-        assert set(sr) == {"psnr", "ssim", "identity_cosine"}
+        assert set(sr) == SR_KEYS
         assert 5 < sr["psnr"] < 100 and -1 <= sr["ssim"] <= 1 and -1 <= sr["identity_cosine"] <= 1
+        assert 5 < sr["psnr_y"] < 100 and -1 <= sr["ssim_y"] <= 1
 
 
 def test_cli_vlr_run_writes_metrics_and_report(world: dict, tmp_path: Path, capsys) -> None:
     out = tmp_path / "eval"
     rc = main(["evaluate", "--model", str(world["rec"]), "--data", world["dataset"], "--out", str(out),
                "--dsr", f"{world['dsr32']},{world['dsr14_onnx']}", "--finetuned", str(world["ft"]),
-               "--vlr", ",".join(SIZES), "--flip"])
+               "--finetuned-bicubic", str(world["ft_bicubic"]), "--vlr", ",".join(SIZES), "--flip"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"verification", "identification", "vlr"}
@@ -117,18 +126,25 @@ def test_cli_vlr_run_writes_metrics_and_report(world: dict, tmp_path: Path, caps
         _check_blocks(per_size["hr"], with_sr=False)
         for kind in SETTINGS[1:]:
             _check_blocks(per_size[kind], with_sr=True)
-        # same SR images for dsr and dsr_finetuned; only the recognizer differs
-        sr, sr_ft = per_size["dsr"]["super_resolution"], per_size["dsr_finetuned"]["super_resolution"]
-        assert sr["psnr"] == sr_ft["psnr"] and sr["ssim"] == sr_ft["ssim"]
+        # a fine-tuned setting sees its images' setting's faces; only the recognizer differs
+        for images in ("bicubic", "dsr"):
+            sr, sr_ft = per_size[images]["super_resolution"], per_size[f"{images}_finetuned"]["super_resolution"]
+            assert {k: sr[k] for k in SR_KEYS - {"identity_cosine"}} == \
+                {k: sr_ft[k] for k in SR_KEYS - {"identity_cosine"}}
+            assert per_size[images]["verification"] != per_size[f"{images}_finetuned"]["verification"]
     page = (out / "report.html").read_text()
     pngs = re.findall(r"src='([^']+\.png)'", page)
     assert {"roc.png", "det.png", "samples_32x32.png", "samples_14x16.png"} <= set(pngs)
-    assert len([p for p in pngs if p.startswith("hist_")]) == 1 + 2 * 3
+    assert len([p for p in pngs if p.startswith("hist_")]) == 1 + 2 * 4
     for png in pngs:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
-    assert "32x32 dsr_finetuned" in page
+    assert "32x32 dsr_finetuned" in page and "32x32 bicubic_finetuned" in page
+    assert "bicubic_finetuned is the control for dsr_finetuned" in page
+    control = metrics["vlr"]["32x32"]["bicubic_finetuned"]
+    acc = f"{control['verification']['accuracy']:.4f} ± {control['verification']['accuracy_se']:.4f}"
+    assert f"<td>32x32 bicubic_finetuned</td><td>{acc}</td>" in page
     printed = capsys.readouterr().out
-    assert "setting" in printed and "14x16 dsr_finetuned" in printed
+    assert "setting" in printed and "14x16 dsr_finetuned" in printed and "14x16 bicubic_finetuned" in printed
 
 
 def test_checkpoint_and_onnx_give_the_same_figures(world: dict, tmp_path: Path) -> None:
@@ -186,6 +202,70 @@ def test_user_errors_are_one_line(world: dict, tmp_path: Path, capsys) -> None:
     assert "'dsr' checkpoint, expected a 'recognizer'" in capsys.readouterr().err
     assert main([*base, "--vlr", "20x20"]) == 1
     assert "no VLR view 20x20" in capsys.readouterr().err
+    assert main([*base, "--finetuned-bicubic", str(world["ft"])]) == 1
+    assert "--finetuned-bicubic evaluates VLR -> bicubic" in capsys.readouterr().err
+    assert main([*base, "--split", "val", "--set", "threshold=val"]) == 1
+    assert "evaluate.threshold=val would choose the threshold on the pairs it scores" in capsys.readouterr().err
+
+
+def _hr_scores(world: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine scores and genuine flags of a split's pairs under the base recognizer (HR faces)."""
+    data = load_split(world["dataset"], split, ["hr"])
+    pairs = PairSet.from_list(data.pairs)
+    return pairs.scores(load_embedder(str(world["rec"])).embed(data.hr)), pairs.genuine
+
+
+def test_threshold_is_cross_validated_on_the_test_pairs_by_default(world: dict, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Default: 10 seeded folds of the test pairs (each pair scored once, threshold from the other
+    folds), val never read; the standard errors reach metrics.json, the summary and the report."""
+    import faceops.data.reader as reader
+
+    read = []
+    monkeypatch.setattr(reader, "load_split", lambda uri, split, views: read.append(split) or load_split(
+        uri, split, views))
+    metrics = evaluate(str(world["rec"]), tmp_path / "folds", data=world["dataset"])
+    assert read == ["test"]
+    scores, genuine = _hr_scores(world, "test")
+    v = metrics["verification"]
+    assert v == verification_metrics(scores, genuine, n_folds=10, seed=0)
+    assert (v["folds"], v["pairs"]) == (10, len(genuine)) and v["accuracy_se"] > 0
+    on_disk = json.loads((tmp_path / "folds" / "metrics.json").read_text())
+    assert on_disk["verification"]["accuracy_se"] == v["accuracy_se"]
+    assert "rank1_se" in on_disk["identification"]
+    page = (tmp_path / "folds" / "report.html").read_text()
+    assert f"10-fold (seeded, balanced) on {len(genuine)} pairs" in page and "val split" not in page
+    table = summary_table(metrics)
+    i = metrics["identification"]
+    assert f"{v['accuracy']:.4f}±{v['accuracy_se']:.4f}" in table and f"{i['rank1']:.4f}±{i['rank1_se']:.4f}" in table
+
+
+def test_val_threshold_stays_available(world: dict, tmp_path: Path) -> None:
+    """``threshold: val``: the best threshold on the val split's pairs, applied to the test pairs."""
+    metrics = evaluate(str(world["rec"]), tmp_path / "val", data=world["dataset"], cfg=EvalConfig(threshold="val"))
+    val_scores, val_genuine = _hr_scores(world, "val")
+    scores, genuine = _hr_scores(world, "test")
+    threshold, _ = best_threshold(val_scores, val_genuine)
+    v = metrics["verification"]
+    assert v["threshold"] == threshold and v["accuracy"] == pytest.approx(np.mean((scores >= threshold) == genuine))
+    page = (tmp_path / "val" / "report.html").read_text()
+    assert f"threshold chosen on {len(val_genuine)} pairs of the val split, applied to {len(genuine)} pairs" in page
+
+
+def test_y_channel_psnr_and_ssim_by_hand() -> None:
+    """One pure-red pixel in a 12x12 black image: only luma 65.481/255 (BT.601) changes, at 1 of 144
+    pixels, so PSNR-Y = 10 log10(144 / (65.481/255)^2); RGB PSNR = 10 log10(144 * 3) (one channel
+    off by 1 of 432 values)."""
+    hr = np.zeros((1, 12, 12, 3), np.uint8)
+    sr = hr.copy()
+    sr[0, 5, 7] = (255, 0, 0)
+    emb = np.ones((1, 4))
+    got = sr_metrics(sr, hr, emb, emb)
+    assert got["psnr_y"] == pytest.approx(10 * math.log10(144 / (65.481 / 255) ** 2)) == pytest.approx(33.39, abs=0.01)
+    assert got["psnr"] == pytest.approx(10 * math.log10(144 * 3))
+    assert sr_metrics(hr, hr, emb, emb)["ssim_y"] == pytest.approx(1.0) and got["ssim_y"] < 1.0
+    np.testing.assert_allclose(luma(np.array([[[[0, 0, 0], [255, 255, 255]]]], np.uint8)).ravel(),
+                               [16 / 255, 235 / 255])
 
 
 needs_lfw = pytest.mark.skipif(not LFW_PAIRS.is_file() or not LFW_IMAGES.is_dir(),

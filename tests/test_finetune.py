@@ -1,10 +1,12 @@
 """EdgeFace fine-tuning on DSR outputs: the two stages, exact resume across the stage switch, HR
-mixing, the checkpoint it writes, and the whole VLR chain on real faces (ORL, slow)."""
+mixing, the checkpoint it writes, the bicubic control run, and the whole VLR chain on real faces
+(ORL, slow)."""
 
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +14,14 @@ from faceops.config import to_dict
 from faceops.errors import FaceopsError
 from faceops.models import DSRConfig, Recognizer, RecognizerConfig, create_dsr, create_recognizer
 from faceops.train.checkpoint import load_checkpoint, load_model, save_checkpoint
-from faceops.train.finetune import FinetuneConfig, FinetuneTask, finetune_edgeface, finetune_recipe
+from faceops.train.finetune import (
+    BicubicUpsample,
+    FinetuneConfig,
+    FinetuneTask,
+    FrozenDSR,
+    finetune_edgeface,
+    finetune_recipe,
+)
 
 REC_CFG = RecognizerConfig(name="edgeface_xxs", embedding_dim=64)
 
@@ -124,7 +133,8 @@ def test_stage_switch_sets_grads_lrs_and_keeps_the_dsr_frozen(tiny_dataset, star
     cfg = tiny_ft_cfg(tiny_dataset, tmp_path, start_ckpts, head_lr=7e-4, head_lr_stage2=5e-5, backbone_lr=4e-6)
     cfg.engine.schedule.name = "constant"
     train = load_split(tiny_dataset, "train", views=["hr", "vlr_32x32"])
-    task = FinetuneTask(cfg, train, None, torch.device("cpu"), load_frozen_dsr(start_ckpts["32x32"], "32x32"))
+    task = FinetuneTask(cfg, train, None, torch.device("cpu"),
+                        FrozenDSR(load_frozen_dsr(start_ckpts["32x32"], "32x32")))
     engine = Engine(task, BatchDataset(train, cfg.loader, 0), cfg.engine, str(tmp_path))
     lrs = lambda: {g["name"]: g["lr"] for g in engine.optimizer.param_groups}  # noqa: E731
     task.apply_stage(0, engine)
@@ -134,8 +144,8 @@ def test_stage_switch_sets_grads_lrs_and_keeps_the_dsr_frozen(tiny_dataset, star
     task.apply_stage(1, engine)
     assert lrs() == {"backbone": 4e-6, "head": 5e-5}
     assert all(p.requires_grad for p in task.model.backbone.parameters())
-    task.dsr.train()
-    assert not task.dsr.training and not any(p.requires_grad for p in task.dsr.parameters())
+    task.input_fn.train()
+    assert not task.input_fn.training and not any(p.requires_grad for p in task.input_fn.parameters())
     with pytest.raises(FaceopsError, match="trained for 32x32"):
         load_frozen_dsr(start_ckpts["32x32"], "14x16")
 
@@ -174,7 +184,7 @@ def test_hr_mix_feeds_hr_faces_instead_of_dsr_outputs(tiny_dataset, start_ckpts,
              "label": torch.tensor([0, 1, 2, 3])}
     garbage_vlr = {**batch, "vlr": torch.rand(4, 3, 32, 32) * 2 - 1}
     garbage_hr = {**batch, "hr": torch.rand(4, 3, 112, 112) * 2 - 1}
-    dsr = load_frozen_dsr(start_ckpts["32x32"], "32x32")
+    dsr = FrozenDSR(load_frozen_dsr(start_ckpts["32x32"], "32x32"))
     for mix, same_when in ((1.0, garbage_vlr), (0.0, garbage_hr)):
         torch.manual_seed(0)
         task = FinetuneTask(tiny_ft_cfg(tiny_dataset, tmp_path, start_ckpts, hr_mix=mix), train, None,
@@ -198,6 +208,41 @@ def test_starts_from_a_users_pretrained_file(tiny_dataset, start_ckpts, tmp_path
     got = load_checkpoint(result.checkpoint)["model"]
     assert torch.equal(got["backbone.stem.0.weight"], user["backbone.stem.0.weight"])  # frozen, from the file
     assert not torch.equal(got[missing], user[missing])  # initialised, not from the file
+
+
+@pytest.mark.parametrize("size", ["32x32", "14x16"])
+def test_bicubic_input_is_what_evaluation_calls_bicubic(size):
+    """The control trains on the faces evaluation's ``bicubic`` rows see (PIL's bicubic): within one
+    grey level on random images, where torch's own bicubic (another kernel, another border) is far off."""
+    import torch.nn.functional as F
+
+    from faceops.data.degrade import parse_size, upsample_bicubic
+    from faceops.data.tensors import to_input, to_uint8
+
+    w, h = parse_size(size)
+    vlr = np.random.default_rng(0).integers(0, 256, (4, h, w, 3), dtype=np.uint8)
+    want = upsample_bicubic(vlr, 112).astype(int)
+    got = to_uint8(BicubicUpsample(size, (112, 112))(to_input(vlr))).astype(int)
+    assert np.abs(got - want).max() <= 1
+    torch_bicubic = to_uint8(F.interpolate(to_input(vlr), size=(112, 112), mode="bicubic")).astype(int)
+    assert np.abs(torch_bicubic - want).max() > 10
+
+
+def test_bicubic_control_fine_tunes_without_dsr(tiny_dataset, start_ckpts, tmp_path):
+    """``upsample: bicubic``: the same fine-tune, fed bicubic upsampling of the VLR view instead of DSR
+    outputs; the checkpoint says so, and a DSR given to it (or missing for upsample=dsr) is an error."""
+    torch.set_num_threads(1)
+    cfg = tiny_ft_cfg(tiny_dataset, tmp_path / "bicubic", start_ckpts, stage1=1, stage2=1, upsample="bicubic",
+                      dsr=None)
+    result = finetune_edgeface(cfg)
+    ckpt = load_checkpoint(result.checkpoint)
+    assert (ckpt["upsample"], ckpt["dsr"], ckpt["vlr_size"], ckpt["finetune_stage"]) == ("bicubic", None, "32x32", 2)
+    assert not _same(_backbone(load_checkpoint(start_ckpts["rec"])["model"]), _backbone(ckpt["model"]))
+    assert "val_accuracy" in result.history[-1]
+    with pytest.raises(FaceopsError, match="upsample=bicubic trains without DSR"):
+        finetune_edgeface(tiny_ft_cfg(tiny_dataset, tmp_path / "x", start_ckpts, upsample="bicubic"))
+    with pytest.raises(FaceopsError, match="needs the DSR checkpoint"):
+        finetune_edgeface(tiny_ft_cfg(tiny_dataset, tmp_path / "y", start_ckpts, dsr=None))
 
 
 # -- the whole chain on real faces ------------------------------------------------------------------

@@ -15,7 +15,8 @@ from faceops.run import compile_pipeline
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "data" / "tiny_pipeline.yaml"
 GPU_CLUSTER = REPO / "configs" / "cluster_gpu.yaml"
-GPU_TASKS = {"vlr_face": {"train-recognizer", "train-dsr", "finetune-edgeface", "evaluate-vlr", "export-vlr"},
+GPU_TASKS = {"vlr_face": {"train-recognizer", "train-dsr", "finetune-edgeface", "finetune-bicubic", "evaluate-vlr",
+                          "export-vlr"},
              "arcface_resnet34": {"train-recognizer", "evaluate", "export"}}
 
 
@@ -90,16 +91,28 @@ def test_run_arcface_resnet34_local(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_main_job_from_readme_runs_vlr_face(tmp_path):
-    """The README's main-job command (scripts/demo.sh -> faceops run vlr_face), tiny settings."""
+    """The README's main-job command (scripts/demo.sh -> faceops run vlr_face), tiny settings: the VLR
+    table has five rows, the control (recognizer fine-tuned on bicubic faces) among them."""
+    from faceops.train.checkpoint import load_checkpoint
+
     r = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--config", str(TINY), "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = tmp_path / "store" / "runs" / "run"
     for rel in ("recognizer/last.pt", "dsr_32x32/best.pt", "recognizer_finetuned/last.pt",
-                "evaluation/metrics.json", "evaluation/report.html"):
+                "recognizer_finetuned_bicubic/last.pt", "evaluation/metrics.json", "evaluation/report.html"):
         assert (run / rel).is_file(), rel
     metrics = yaml.safe_load((run / "evaluation" / "metrics.json").read_text())
-    assert set(metrics["vlr"]["32x32"]) == {"hr", "bicubic", "dsr", "dsr_finetuned"}
+    table = metrics["vlr"]["32x32"]
+    assert list(table) == ["hr", "bicubic", "bicubic_finetuned", "dsr", "dsr_finetuned"]
+    for kind in ("bicubic", "bicubic_finetuned", "dsr", "dsr_finetuned"):
+        assert {"accuracy", "accuracy_se", "tar_at_far"} <= set(table[kind]["verification"])
+        assert {"rank1", "rank1_se"} <= set(table[kind]["identification"])
+        assert {"psnr", "ssim", "psnr_y", "ssim_y"} <= set(table[kind]["super_resolution"])
+    control = load_checkpoint(str(run / "recognizer_finetuned_bicubic" / "last.pt"))
+    assert (control["upsample"], control["dsr"]) == ("bicubic", None)
+    assert "32x32 bicubic_finetuned" in r.stdout  # the summary table
+    assert (tmp_path / "logs" / "finetune_bicubic.log").is_file()
     repo = tmp_path / "store" / "triton"
     assert {p.name for p in repo.iterdir()} >= {"recognizer", "dsr", "vlr_face"}
     assert "faceops run vlr_face: done" in r.stdout

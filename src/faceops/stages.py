@@ -86,11 +86,12 @@ def train_result(out_uri: str) -> dict:
 
 def train_stage(task: str, dataset_uri: str, out_uri: str, config_yaml: str = "",
                 extra: list[str] | None = None, gpus_per_node: int = 0, nodes: int = 1, resume: bool = True,
-                log_dir: str = "") -> dict:
-    """Train ``task`` (recognizer | dsr | finetune); in-process, torchrun, or a PyTorchJob."""
+                log_dir: str = "", stage: str = "") -> dict:
+    """Train ``task`` (recognizer | dsr | finetune); in-process, torchrun, or a PyTorchJob. ``stage``
+    names the log (default: the task's own stage)."""
     from faceops.train.launch import launch_training
 
-    stage = {"recognizer": "train_recognizer", "dsr": "train_dsr", "finetune": "finetune_edgeface"}[task]
+    stage = stage or {"recognizer": "train_recognizer", "dsr": "train_dsr", "finetune": "finetune_edgeface"}[task]
     with stage_log(log_dir, stage):
         sets = [f"data={dataset_uri}", f"out={out_uri}", *(extra or [])]
         rc = launch_training(task, config_yaml, sets, gpus_per_node=gpus_per_node, nodes=nodes, resume=resume)
@@ -100,7 +101,7 @@ def train_stage(task: str, dataset_uri: str, out_uri: str, config_yaml: str = ""
 
 
 def evaluate_stage(model_uri: str, dataset_uri: str, out_uri: str, config_yaml: str = "",
-                   dsr_uris: list[str] | None = None, finetuned_uri: str = "",
+                   dsr_uris: list[str] | None = None, finetuned_uri: str = "", finetuned_bicubic_uri: str = "",
                    vlr_sizes: list[str] | None = None, log_dir: str = "") -> dict:
     """Evaluate into ``out_uri`` (a folder, or a store URI: written locally, then uploaded).
     The result carries ``report_dir``, the local folder holding metrics.json and report.html.
@@ -114,7 +115,8 @@ def evaluate_stage(model_uri: str, dataset_uri: str, out_uri: str, config_yaml: 
         remote = "://" in out_uri and not out_uri.startswith("file://")
         out_dir = tempfile.mkdtemp(prefix="faceops-eval-") if remote else out_uri.removeprefix("file://")
         result = evaluate(model_uri, out_dir, data=dataset_uri, dsr=dsr_uris or (),
-                          finetuned=finetuned_uri or None, vlr=vlr_sizes or (), cfg=cfg,
+                          finetuned=finetuned_uri or None, finetuned_bicubic=finetuned_bicubic_uri or None,
+                          vlr=vlr_sizes or (), cfg=cfg,
                           run_id=run_id_for(out_uri))
         if remote:
             store = open_store(out_uri)
@@ -151,10 +153,21 @@ def dsr_args(recognizer_uri: str, vlr_size: str) -> list[str]:
     return [f"recognizer={recognizer_uri}", f"vlr_size={vlr_size}"]
 
 
-def finetune_args(recognizer_uri: str, dsr_uri: str, vlr_size: str) -> list[str]:
-    """``--set`` overrides wiring the fine-tune to the recognizer and DSR of this run."""
-    sets = [f"init_from={recognizer_uri}", f"dsr={dsr_uri}"]
-    return sets + ([f"vlr_size={vlr_size}"] if vlr_size else [])
+FINETUNE_OUT = {"dsr": "recognizer_finetuned", "bicubic": "recognizer_finetuned_bicubic"}  # under run_root
+
+
+def finetune_stage(dataset_uri: str, recognizer_uri: str, run_root: str, config_yaml: str, vlr_size: str,
+                   dsr_uri: str = "", gpus_per_node: int = 0, nodes: int = 1, log_dir: str = "") -> dict:
+    """Fine-tune this run's recognizer (config section ``finetune``) on DSR outputs of the VLR faces
+    or, without ``dsr_uri``, on their bicubic upsampling: the control with the same budget and
+    recipe, so the evaluation can tell what DSR adds from what the extra training adds."""
+    from faceops.train.finetune import STAGES
+
+    upsample = "dsr" if dsr_uri else "bicubic"
+    sets = [f"init_from={recognizer_uri}", f"vlr_size={vlr_size}", f"upsample={upsample}"]
+    sets += [f"dsr={dsr_uri}"] if dsr_uri else []
+    return train_stage("finetune", dataset_uri, f"{run_root}/{FINETUNE_OUT[upsample]}", config_yaml, sets,
+                       gpus_per_node=gpus_per_node, nodes=nodes, log_dir=log_dir, stage=STAGES[upsample])
 
 
 def log_training(result: dict, model, metrics, kind: str) -> None:

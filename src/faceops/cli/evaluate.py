@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate", help="evaluate a recognizer (and DSR models) on a dataset split or LFW pairs",
         description="Verification (accuracy, EER, AUC, TAR@FAR, threshold) and identification (rank-1/5) "
         "of MODEL (a faceops checkpoint or an ONNX file) on HR faces and, with --vlr, on VLR faces upsampled "
-        "bicubically, by DSR, and by DSR + a fine-tuned recognizer. Writes OUT/metrics.json and "
+        "bicubically (+ a recognizer fine-tuned on them: the control), by DSR, and by DSR + a recognizer "
+        "fine-tuned on DSR outputs. Writes OUT/metrics.json and "
         "OUT/report.html (ROC/DET curves, score histograms, SR sample grids).")
     p.add_argument("--model", required=True, help="recognizer: checkpoint (path/URI) or .onnx file")
     src = p.add_mutually_exclusive_group(required=True)
@@ -33,13 +34,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="DSR model(s), checkpoint or ONNX; each serves the VLR size it was trained for")
     p.add_argument("--finetuned", metavar="FT_MODEL",
                    help="recognizer fine-tuned on DSR outputs (needs --dsr)")
+    p.add_argument("--finetuned-bicubic", metavar="FT_MODEL",
+                   help="the control: the recognizer fine-tuned the same way on bicubic faces (no DSR)")
     p.add_argument("--vlr", type=_sizes, default=[], metavar="SIZE[,SIZE]",
                    help="VLR sizes WxH, e.g. 32x32,14x16 (default: the DSR models' sizes)")
     p.add_argument("--skip-missing", action="store_true",
                    help="--images mode: drop pairs whose image file is missing instead of failing")
     add_config_args(p, "evaluate", "evaluate.batch_size=32")
-    p.epilog = ("--config FILE: section 'evaluate' (batch_size, flip, n_folds, seed, ...); --set overrides its "
-                "keys. --images faces are prepared as the models' input contracts say (crop, size, "
+    p.epilog = ("--config FILE: section 'evaluate' (batch_size, flip, threshold: folds | val, n_folds, seed, ...); "
+                "--set overrides its keys. --images faces are prepared as the models' input contracts say (crop, size, "
                 "normalisation, VLR degradation: recorded at training), so no ingest config is needed; keys "
                 "given under 'ingest.prepare' / 'ingest.degrade' must agree with the models (an error names "
                 "both values otherwise) and are what a model saved without a contract is assumed to take.")
@@ -78,7 +81,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         cfg.skip_missing = True
     prepare, degrade = _stated_preparation(args.config)
     metrics = evaluate(args.model, args.out, data=args.data, split=args.split, images=args.images,
-                       pairs=args.pairs, dsr=args.dsr, finetuned=args.finetuned, vlr=args.vlr, cfg=cfg,
+                       pairs=args.pairs, dsr=args.dsr, finetuned=args.finetuned,
+                       finetuned_bicubic=args.finetuned_bicubic, vlr=args.vlr, cfg=cfg,
                        prepare=prepare, degrade=degrade)
     print(summary_table(metrics))
     print(f"wrote {args.out}/metrics.json and {args.out}/report.html")

@@ -60,12 +60,13 @@ class EvalSet:
 @dataclass
 class EvalData:
     test: EvalSet  # evaluated
-    val: EvalSet | None  # only its pairs are used: the verification threshold when no folds exist
+    val: EvalSet | None  # only with evaluate.threshold=val: its pairs pick the verification threshold
     source: str  # what was evaluated, for the report
 
 
-def from_dataset(dataset_uri: str, split: str, vlr_sizes: list[str]) -> EvalData:
-    """A dataset split; for the test split the val split's pairs pick the threshold."""
+def from_dataset(dataset_uri: str, split: str, vlr_sizes: list[str], val_threshold: bool = False) -> EvalData:
+    """A dataset split. The val split is read (and later embedded) only for ``val_threshold``: by
+    default the threshold is cross-validated on the test pairs themselves, so val costs nothing."""
     from faceops.data.manifest import DatasetError, load_manifest
     from faceops.data.reader import load_split
 
@@ -77,11 +78,16 @@ def from_dataset(dataset_uri: str, split: str, vlr_sizes: list[str]) -> EvalData
                            f"{', '.join(have) or 'none'}); re-ingest with ingest.degrade.sizes including it")
     views = ["hr", *(f"vlr_{s}" for s in vlr_sizes)]
     test = _split_set(load_split(dataset_uri, split, views), dataset_uri, split)
-    val = None
-    val_pairs = manifest.get("pairs", {}).get("val") or []
-    if test.pairs.folds is None and split != "val" and val_pairs:
-        val = _split_set(load_split(dataset_uri, "val", views), dataset_uri, "val")
-    return EvalData(test, val, f"{dataset_uri} (split {split})")
+    source = f"{dataset_uri} (split {split})"
+    if not val_threshold or test.pairs.folds is not None:  # a pairs file's own folds come first
+        return EvalData(test, None, source)
+    if split == "val":
+        raise DatasetError("evaluate.threshold=val would choose the threshold on the pairs it scores (--split val); "
+                           "use evaluate.threshold=folds")
+    if not manifest.get("pairs", {}).get("val"):
+        raise DatasetError(f"evaluate.threshold=val: {dataset_uri} has no val pairs to choose the threshold on; "
+                           "use evaluate.threshold=folds")
+    return EvalData(test, _split_set(load_split(dataset_uri, "val", views), dataset_uri, "val"), source)
 
 
 def _split_set(data, dataset_uri: str, split: str) -> EvalSet:

@@ -106,23 +106,47 @@ def _fmt(x: float) -> str:
     return f"{x:.4f}"
 
 
-def _settings_table(metrics: dict) -> str:
+def plus_minus(value: float, se: float, sep: str = "±") -> str:
+    """A figure with its standard error, e.g. ``0.9123±0.0051``."""
+    return f"{value:.4f}{sep}{se:.4f}"
+
+
+def setting_rows(metrics: dict, repeat_hr: bool = True) -> list[tuple[str, dict]]:
+    """(name, block) per evaluated setting: HR, then each VLR size's settings (``repeat_hr``: with
+    the size's copy of the HR block, so each size reads as a complete table)."""
     rows = [("HR", metrics)]
     for size, per_size in metrics.get("vlr", {}).items():
-        rows += [(f"{size} {kind}", block) for kind, block in per_size.items()]
-    head = ("<tr><th>setting</th><th>accuracy</th><th>EER</th><th>AUC</th><th>TAR@1e-2</th><th>TAR@1e-3</th>"
-            "<th>TAR@1e-4</th><th>threshold</th><th>rank-1</th><th>rank-5</th><th>PSNR</th><th>SSIM</th>"
-            "<th>identity cos</th></tr>")
+        rows += [(f"{size} {kind}", block) for kind, block in per_size.items() if repeat_hr or kind != "hr"]
+    return rows
+
+
+def _settings_table(metrics: dict) -> str:
+    head = ("<tr><th>setting</th><th>accuracy ± SE</th><th>EER</th><th>AUC</th><th>TAR@1e-2</th><th>TAR@1e-3</th>"
+            "<th>TAR@1e-4</th><th>threshold</th><th>rank-1 ± SE</th><th>rank-5</th><th>PSNR</th><th>SSIM</th>"
+            "<th>PSNR-Y</th><th>SSIM-Y</th><th>identity cos</th></tr>")
     body = []
-    for name, b in rows:
+    for name, b in setting_rows(metrics):
         v, i, sr = b["verification"], b["identification"], b.get("super_resolution")
-        cells = [v["accuracy"], v["eer"], v["auc"], *v["tar_at_far"].values(), v["threshold"], i["rank1"],
-                 i["rank5"]]
-        srcells = [f"{sr['psnr']:.2f}", _fmt(sr["ssim"]), _fmt(sr["identity_cosine"])] if sr else ["-"] * 3
-        body.append("<tr><td>" + html.escape(name) + "</td>"
-                    + "".join(f"<td>{_fmt(c)}</td>" for c in cells)
-                    + "".join(f"<td>{c}</td>" for c in srcells) + "</tr>")
+        cells = [plus_minus(v["accuracy"], v["accuracy_se"], " ± "),
+                 *(_fmt(c) for c in (v["eer"], v["auc"], *v["tar_at_far"].values(), v["threshold"])),
+                 plus_minus(i["rank1"], i["rank1_se"], " ± "), _fmt(i["rank5"])]
+        cells += ([f"{sr['psnr']:.2f}", _fmt(sr["ssim"]), f"{sr['psnr_y']:.2f}", _fmt(sr["ssim_y"]),
+                   _fmt(sr["identity_cosine"])] if sr else ["-"] * 5)
+        body.append("<tr><td>" + html.escape(name) + "</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f"<table>{head}{''.join(body)}</table>"
+
+
+def _notes(metrics: dict) -> str:
+    """What the table's figures mean, and what its control row is for."""
+    notes = ["± is the standard error: of the mean over folds for accuracy, binomial over probes for rank-1.",
+             "TAR at FAR is conservative (best TAR at a threshold whose FAR is at most the target); the "
+             "accuracy threshold is never chosen on the pairs it scores.",
+             "PSNR/SSIM are against the HR face, on RGB and on the BT.601 luma Y."]
+    if any("bicubic_finetuned" in per_size for per_size in metrics.get("vlr", {}).values()):
+        notes.append("bicubic_finetuned is the control for dsr_finetuned: the same fine-tune (budget and recipe) "
+                     "on bicubic faces instead of DSR outputs, so dsr_finetuned − bicubic_finetuned is what DSR "
+                     "adds beyond the extra training.")
+    return "".join(f"<p>{html.escape(n)}</p>" for n in notes)
 
 
 STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
@@ -154,9 +178,7 @@ def write_report(out: Path, metrics: dict, curves: list[Curve], grids: dict[str,
         "<!doctype html><html><head><meta charset='utf-8'><title>faceops evaluation</title>",
         f"<style>{STYLE}</style></head><body><h1>faceops evaluation</h1>",
         f"<table>{info_rows}</table>",
-        "<h2>Settings</h2>", _settings_table(metrics),
-        "<p>TAR at FAR is conservative (best TAR at a threshold whose FAR is at most the target); the "
-        "accuracy threshold is never chosen on the pairs it scores.</p>",
+        "<h2>Settings</h2>", _settings_table(metrics), _notes(metrics),
         "<h2>ROC and DET</h2><img src='roc.png' alt='ROC'><img src='det.png' alt='DET'>",
         "<h2>Score distributions</h2>", *(f"<img src='{f}' alt='{f}'>" for f in hist_files),
     ]

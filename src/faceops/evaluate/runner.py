@@ -4,13 +4,18 @@ Settings evaluated (ARCHITECTURE.md, "Evaluation output"):
 
 * top level: the recognizer on HR faces;
 * per VLR size, under ``vlr.<size>``: ``hr`` (the same HR figures, for the table), ``bicubic`` (VLR
-  upsampled bicubically, base recognizer), ``dsr`` (VLR -> DSR, base recognizer) and
-  ``dsr_finetuned`` (VLR -> DSR -> fine-tuned recognizer). The SR settings also carry
-  ``super_resolution``: PSNR/SSIM of the 112x112 image against HR, and the cosine between the
-  setting's recognizer on it and the same recognizer on HR.
+  upsampled bicubically, base recognizer), ``bicubic_finetuned`` (bicubic, recognizer fine-tuned on
+  bicubic faces), ``dsr`` (VLR -> DSR, base recognizer) and ``dsr_finetuned`` (VLR -> DSR ->
+  recognizer fine-tuned on DSR outputs). ``bicubic_finetuned`` is the control for ``dsr_finetuned``
+  (same fine-tune budget and recipe, no DSR): fine-tuning alone is extra training, and only the gap
+  between the two is what DSR adds. The upsampled settings also carry ``super_resolution``: PSNR/SSIM
+  (RGB and Y) of the 112x112 image against HR, and the cosine between the setting's recognizer on it
+  and the same recognizer on HR.
 
-The verification threshold is never chosen on the pairs it scores: fold-wise when the pairs have
-folds, else on the val split's pairs, else on seeded folds (see :mod:`.verification`).
+The verification threshold is never chosen on the pairs it scores: fold-wise on the pairs file's
+folds when it has them, else on ``n_folds`` seeded balanced folds of the test pairs (the default:
+every pair is scored once, and the folds give ``accuracy_se``), or with ``threshold: val`` on the
+val split's pairs (see :mod:`.verification`).
 
 Faces are prepared as the models' input contracts say (:mod:`faceops.models.contract`): ``--images``
 needs no ingest config, one that contradicts the models is an error naming both values, and a dataset
@@ -24,7 +29,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -41,7 +46,7 @@ from faceops.evaluate.models import (
     require_sizes,
     super_resolvers_by_size,
 )
-from faceops.evaluate.report import Curve, write_report
+from faceops.evaluate.report import Curve, plus_minus, setting_rows, write_report
 from faceops.evaluate.sr_metrics import sr_metrics
 from faceops.evaluate.verification import verification_metrics
 from faceops.metrics import MetricsConfig, publish_evaluation, run_id_for
@@ -61,14 +66,17 @@ from faceops.models.contract import (
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
-SETTINGS = ("hr", "bicubic", "dsr", "dsr_finetuned")
+SETTINGS = ("hr", "bicubic", "bicubic_finetuned", "dsr", "dsr_finetuned")
+FINETUNED = "_finetuned"  # a setting ``<images>_finetuned``: the images of ``<images>``, its own recognizer
 
 
 @dataclass
 class EvalConfig:
     batch_size: int = 64  # faces per forward pass
     flip: bool = False  # flip-averaged embeddings (image + mirror)
-    n_folds: int = 10  # seeded folds when the pairs have none and no val pairs exist (LFW uses 10)
+    threshold: Literal["folds", "val"] = "folds"  # accuracy threshold: cross-validated on the test pairs'
+    #   folds, or chosen on the val split's pairs (which then are loaded and embedded too)
+    n_folds: int = 10  # seeded folds of the test pairs when they have none of their own (LFW uses 10)
     seed: int = 0  # folds and the gallery/probe split
     gallery_per_identity: int = 1  # gallery images per identity; the rest are probes
     grid_samples: int = 8  # faces in each VLR | bicubic | DSR | HR sample grid
@@ -89,13 +97,14 @@ class EvalConfig:
 class Models:
     recognizer: Embedder
     dsr: dict[str, SuperResolver] = field(default_factory=dict)  # per VLR size
-    finetuned: Embedder | None = None
+    finetuned: Embedder | None = None  # fine-tuned on DSR outputs
+    finetuned_bicubic: Embedder | None = None  # the control: fine-tuned on bicubic faces
 
 
 def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str = "test",
              images: str | None = None, pairs: str | None = None, dsr: Sequence[str] = (),
-             finetuned: str | None = None, vlr: Sequence[str] = (), cfg: EvalConfig | None = None,
-             prepare: PrepareConfig | Mapping[str, Any] | None = None,
+             finetuned: str | None = None, finetuned_bicubic: str | None = None, vlr: Sequence[str] = (),
+             cfg: EvalConfig | None = None, prepare: PrepareConfig | Mapping[str, Any] | None = None,
              degrade: DegradeConfig | Mapping[str, Any] | None = None, run_id: str | None = None) -> dict:
     """Evaluate and write ``out/metrics.json`` and ``out/report.html``; returns the metrics dict.
 
@@ -103,9 +112,10 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
     as the models' input contracts say; ``prepare``/``degrade`` (a config: every field; a mapping:
     the keys given) only state what the caller expects, and one that contradicts a model is an error
     (for a model without a contract they are what it is assumed to take). Without ``vlr`` the DSR
-    models' own sizes are evaluated. Every figure is also set as ``faceops_eval_metric`` (label ``run_id``:
-    ``run_id``, default :func:`~faceops.metrics.run_id_for` of ``out``) and pushed when a
-    Pushgateway is configured (``cfg.metrics`` or ``FACEOPS_PUSHGATEWAY``).
+    models' own sizes are evaluated. ``finetuned`` is the recognizer fine-tuned on DSR outputs,
+    ``finetuned_bicubic`` its control fine-tuned on bicubic faces. Every figure is also set as
+    ``faceops_eval_metric`` (label ``run_id``: ``run_id``, default :func:`~faceops.metrics.run_id_for`
+    of ``out``) and pushed when a Pushgateway is configured (``cfg.metrics`` or ``FACEOPS_PUSHGATEWAY``).
     """
     cfg = cfg or EvalConfig()
     if (data is None) == (images is None and pairs is None):
@@ -115,7 +125,13 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
         raise FaceopsError("--images and --pairs go together")
     if finetuned and not dsr:
         raise FaceopsError("--finetuned evaluates VLR -> DSR -> fine-tuned recognizer: it needs --dsr")
-    models = _load_models(model, list(dsr), finetuned, cfg)
+    if finetuned_bicubic and not (vlr or dsr):
+        raise FaceopsError("--finetuned-bicubic evaluates VLR -> bicubic -> fine-tuned recognizer: it needs the "
+                           "VLR sizes (--vlr or --dsr)")
+    if cfg.threshold == "val" and data is None:
+        raise FaceopsError("evaluate.threshold=val needs a dataset's val split (--data); --images pairs use "
+                           "their folds or seeded folds")
+    models = _load_models(model, list(dsr), finetuned, finetuned_bicubic, cfg)
     sizes = list(vlr) or list(models.dsr)
     for s in sizes:
         parse_size(s)
@@ -127,7 +143,7 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
     hr_contract, degrade_cfg = apply_contracts(models, explicit, sizes, option)
     if data is not None:
         check_dataset(data, models, hr_contract)
-        eval_data = from_dataset(data, split, sizes)
+        eval_data = from_dataset(data, split, sizes, val_threshold=cfg.threshold == "val")
     else:
         eval_data = from_images(images, pairs, hr_contract.prepare_config(), degrade_cfg, sizes,
                                 cfg.skip_missing)
@@ -139,18 +155,22 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     info = {"model": model, "data": eval_data.source, "faces": len(eval_data.test),
             "pairs": len(eval_data.test.pairs), "flip": cfg.flip, "dsr": list(dsr), "finetuned": finetuned,
-            "input contract": hr_contract.describe(), "threshold protocol": _protocol(eval_data, cfg)}
+            "finetuned_bicubic": finetuned_bicubic, "input contract": hr_contract.describe(),
+            "threshold protocol": _protocol(eval_data, metrics["verification"])}
     write_report(out, metrics, curves, grids, info, cfg.hist_bins)
     publish_evaluation(metrics, run_id or run_id_for(str(out)), models.recognizer.arch or models.recognizer.name,
                        cfg.metrics)
     return metrics
 
 
-def _load_models(model: str, dsr: list[str], finetuned: str | None, cfg: EvalConfig) -> Models:
-    rec = load_embedder(model, cfg.batch_size, cfg.flip, cfg.device)
-    ft = load_embedder(finetuned, cfg.batch_size, cfg.flip, cfg.device) if finetuned else None
+def _load_models(model: str, dsr: list[str], finetuned: str | None, finetuned_bicubic: str | None,
+                 cfg: EvalConfig) -> Models:
+    def embedder(uri: str | None) -> Embedder | None:
+        return load_embedder(uri, cfg.batch_size, cfg.flip, cfg.device) if uri else None
+
     by_size = super_resolvers_by_size(dsr, cfg.batch_size, cfg.device)
-    return Models(rec, by_size, ft)
+    rec = load_embedder(model, cfg.batch_size, cfg.flip, cfg.device)
+    return Models(rec, by_size, embedder(finetuned), embedder(finetuned_bicubic))
 
 
 OPTION = "the given face preparation (--config ingest.prepare / ingest.degrade)"
@@ -158,7 +178,7 @@ OPTION = "the given face preparation (--config ingest.prepare / ingest.degrade)"
 
 def _recorded(models: Models) -> list:
     """The models that record an input contract."""
-    candidates = [models.recognizer, models.finetuned, *models.dsr.values()]
+    candidates = [models.recognizer, models.finetuned, models.finetuned_bicubic, *models.dsr.values()]
     return [m for m in candidates if m is not None and m.contract is not None]
 
 
@@ -167,7 +187,8 @@ def apply_contracts(models: Models, explicit: Mapping[str, Any], sizes: list[str
     """Set every model's ``input_contract`` from what it records; returns the HR preparation they
     share and the VLR degradation for ``--images`` (the DSR models', else ``explicit``'s, else
     ingest's defaults). Models that disagree, or an ``explicit`` value that contradicts one, fail."""
-    embedders = [("--model", models.recognizer)] + ([("--finetuned", models.finetuned)] if models.finetuned else [])
+    embedders = [(flag, e) for flag, e in (("--model", models.recognizer), ("--finetuned", models.finetuned),
+                                           ("--finetuned-bicubic", models.finetuned_bicubic)) if e is not None]
     named = [(f"{flag} {e.name}", e.contract) for flag, e in embedders]
     named += [(f"--dsr {sr.name}", sr.contract) for sr in models.dsr.values()]
     shared = shared_preparation(named, explicit, option)
@@ -220,13 +241,20 @@ def check_dataset(dataset_uri: str, models: Models, hr: InputContract) -> None:
                         dataset_uri, name, got, sr.name, name, want)
 
 
-def _protocol(data: EvalData, cfg: EvalConfig) -> str:
-    folds = data.test.pairs.folds
-    if folds is not None:
-        return f"{len(np.unique(folds))}-fold, threshold chosen on the other folds (pairs file folds)"
+def _protocol(data: EvalData, verification: dict) -> str:
+    """How ``verification``'s accuracy was measured, in its own figures (pairs and folds)."""
+    k, n = verification["folds"], verification["pairs"]
+    if data.test.pairs.folds is not None:
+        return f"{k}-fold (folds of the pairs file) on {n} pairs, threshold chosen on the other folds"
     if data.val is not None:
-        return "threshold chosen on the val split's pairs"
-    return f"{cfg.n_folds}-fold (seeded, balanced), threshold chosen on the other folds"
+        return (f"threshold chosen on {len(data.val.pairs)} pairs of the val split, applied to {n} pairs "
+                f"(standard error over {k} seeded folds)")
+    return f"{k}-fold (seeded, balanced) on {n} pairs, threshold chosen on the other folds"
+
+
+def _images_of(kind: str) -> str:
+    """The images a setting embeds: ``dsr_finetuned`` those of ``dsr``, and so on."""
+    return kind.removesuffix(FINETUNED)
 
 
 class _Setting:
@@ -252,13 +280,13 @@ class _Setting:
         return self._cache[key]
 
     def recognizer(self, kind: str) -> Embedder:
-        return self.models.finetuned if kind == "dsr_finetuned" else self.models.recognizer
+        tuned = {"dsr_finetuned": self.models.finetuned, "bicubic_finetuned": self.models.finetuned_bicubic}
+        return tuned.get(kind) or self.models.recognizer
 
     def embed(self, s: EvalSet, size: str | None, kind: str) -> np.ndarray:
         key = (id(s), size or "", f"emb:{kind}")
         if key not in self._cache:
-            img_kind = "dsr" if kind == "dsr_finetuned" else kind
-            self._cache[key] = self.recognizer(kind).embed(self.images(s, size, img_kind))
+            self._cache[key] = self.recognizer(kind).embed(self.images(s, size, _images_of(kind)))
         return self._cache[key]
 
     def hr_embed(self, s: EvalSet, kind: str) -> np.ndarray:
@@ -273,7 +301,7 @@ def _blocks(data: EvalData, st: _Setting, size: str | None, kind: str, cfg: Eval
     emb = st.embed(test, size, kind)
     scores = test.pairs.scores(emb)
     val_kw = {}
-    if data.val is not None and test.pairs.folds is None:
+    if data.val is not None:  # only with threshold=val (evaluate.data.from_dataset)
         val_emb = st.embed(data.val, size, kind)
         val_kw = {"val_scores": data.val.pairs.scores(val_emb), "val_genuine": data.val.pairs.genuine}
     block = {
@@ -282,20 +310,17 @@ def _blocks(data: EvalData, st: _Setting, size: str | None, kind: str, cfg: Eval
         "identification": identification_metrics(emb, test.labels, cfg.gallery_per_identity, cfg.seed),
     }
     if kind != "hr":
-        img_kind = "dsr" if kind == "dsr_finetuned" else kind
-        block["super_resolution"] = sr_metrics(st.images(test, size, img_kind), test.hr, emb,
+        block["super_resolution"] = sr_metrics(st.images(test, size, _images_of(kind)), test.hr, emb,
                                                st.hr_embed(test, kind))
     label = kind if size is None else f"{size} {kind}"
     return block, Curve(label, scores, test.pairs.genuine)
 
 
 def _settings_for(models: Models, size: str) -> list[str]:
-    kinds = ["hr", "bicubic"]
-    if size in models.dsr:
-        kinds.append("dsr")
-        if models.finetuned is not None:
-            kinds.append("dsr_finetuned")
-    return kinds
+    """The settings the given models allow at ``size``, in :data:`SETTINGS` order."""
+    given = {"bicubic_finetuned": models.finetuned_bicubic is not None, "dsr": size in models.dsr,
+             "dsr_finetuned": size in models.dsr and models.finetuned is not None}
+    return [kind for kind in SETTINGS if given.get(kind, True)]
 
 
 def _run(data: EvalData, models: Models, sizes: list[str], cfg: EvalConfig) -> tuple[dict, list[Curve], dict]:
@@ -335,17 +360,14 @@ def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 
 def summary_table(metrics: dict) -> str:
-    """A short fixed-width table of every evaluated setting (printed by the CLI)."""
-    rows = [("HR", metrics)]
-    for size, per_size in metrics.get("vlr", {}).items():
-        rows += [(f"{size} {kind}", block) for kind, block in per_size.items() if kind != "hr"]
-    head = (f"{'setting':<22} {'acc':>7} {'eer':>7} {'auc':>7} {'tar@1e-3':>9} {'rank1':>7} {'rank5':>7} "
-            f"{'psnr':>7} {'ssim':>6} {'id-cos':>7}")
-    lines = [head, "-" * len(head)]
-    for name, b in rows:
+    """A fixed-width table of every evaluated setting (printed by the CLI); ± is the standard error."""
+    head = (f"{'setting':<24} {'accuracy':>13} {'eer':>6} {'tar@1e-3':>8} {'rank-1':>13} {'psnr':>6} {'ssim':>6} "
+            f"{'psnr-y':>6} {'ssim-y':>6} {'id-cos':>6}")
+    lines = [head]  # no rule of dashes: `faceops run`'s clean view filters those out as the runner's noise
+    for name, b in setting_rows(metrics, repeat_hr=False):
         v, i, sr = b["verification"], b["identification"], b.get("super_resolution")
-        tail = (f" {sr['psnr']:>7.2f} {sr['ssim']:>6.3f} {sr['identity_cosine']:>7.3f}" if sr
-                else f" {'-':>7} {'-':>6} {'-':>7}")
-        lines.append(f"{name:<22} {v['accuracy']:>7.4f} {v['eer']:>7.4f} {v['auc']:>7.4f} "
-                     f"{v['tar_at_far']['1e-3']:>9.4f} {i['rank1']:>7.4f} {i['rank5']:>7.4f}{tail}")
+        tail = (f" {sr['psnr']:>6.2f} {sr['ssim']:>6.3f} {sr['psnr_y']:>6.2f} {sr['ssim_y']:>6.3f} "
+                f"{sr['identity_cosine']:>6.3f}" if sr else "".join(f" {'-':>6}" for _ in range(5)))
+        lines.append(f"{name:<24} {plus_minus(v['accuracy'], v['accuracy_se']):>13} {v['eer']:>6.4f} "
+                     f"{v['tar_at_far']['1e-3']:>8.4f} {plus_minus(i['rank1'], i['rank1_se']):>13}{tail}")
     return "\n".join(lines)

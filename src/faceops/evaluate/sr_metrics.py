@@ -1,5 +1,9 @@
 """Super-resolution quality: PSNR, SSIM and identity cosine, on images scaled to [0, 1].
 
+PSNR and SSIM are given on RGB and, as face-SR papers report them, on the luma channel Y of
+ITU-R BT.601 (MATLAB's ``rgb2ycbcr``, BasicSR's ``test_y_channel``): ``Y = (16 + 65.481 R + 128.553 G
++ 24.966 B) / 255`` with R, G, B in [0, 1], unrounded, data range 1, no border crop.
+
 SSIM follows Wang et al. 2004 ("Image quality assessment: from error visibility to structural
 similarity"): an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, data range 1, population
 statistics, 'valid' filtering (no padding); colour images average the per-channel maps. This
@@ -15,6 +19,10 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
+#: BT.601 luma from RGB in [0, 1], and its offset, both on the 0-255 scale (MATLAB ``rgb2ycbcr``)
+Y_WEIGHTS = np.array([65.481, 128.553, 24.966])
+Y_OFFSET = 16.0
+CHUNK = 64  # images converted to float at a time (bounded memory for large test sets)
 
 
 def to_unit(images: np.ndarray) -> np.ndarray:
@@ -35,7 +43,7 @@ def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def _per_image(fn, a: np.ndarray, b: np.ndarray, chunk: int = 64) -> np.ndarray:
+def _per_image(fn, a: np.ndarray, b: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
     """``fn`` on [0, 1] float chunks (bounded memory for large test sets), concatenated."""
     return np.concatenate([fn(to_unit(a[i : i + chunk]), to_unit(b[i : i + chunk]))
                            for i in range(0, a.shape[0], chunk)])
@@ -83,6 +91,13 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(_per_image(_ssim_per_image, a, b).mean())
 
 
+def luma(images: np.ndarray) -> np.ndarray:
+    """RGB images [N, H, W, 3] (uint8 or [0, 1]) -> BT.601 Y in [0, 1], one channel [N, H, W, 1]."""
+    x = np.asarray(images)
+    return np.concatenate([((to_unit(x[i : i + CHUNK]) @ Y_WEIGHTS + Y_OFFSET) / 255.0)[..., None]
+                           for i in range(0, x.shape[0], CHUNK)])
+
+
 def identity_cosine(emb_a: np.ndarray, emb_b: np.ndarray) -> float:
     """Mean cosine between matching rows (e.g. recognizer(SR image) vs recognizer(HR image))."""
     a = np.asarray(emb_a, dtype=np.float64)
@@ -96,4 +111,6 @@ def identity_cosine(emb_a: np.ndarray, emb_b: np.ndarray) -> float:
 
 def sr_metrics(sr: np.ndarray, hr: np.ndarray, sr_emb: np.ndarray, hr_emb: np.ndarray) -> dict:
     """The ``super_resolution`` block of metrics.json (SR images against the HR originals)."""
-    return {"psnr": psnr(sr, hr), "ssim": ssim(sr, hr), "identity_cosine": identity_cosine(sr_emb, hr_emb)}
+    sr_y, hr_y = luma(sr), luma(hr)
+    return {"psnr": psnr(sr, hr), "ssim": ssim(sr, hr), "psnr_y": psnr(sr_y, hr_y), "ssim_y": ssim(sr_y, hr_y),
+            "identity_cosine": identity_cosine(sr_emb, hr_emb)}

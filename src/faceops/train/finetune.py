@@ -1,12 +1,14 @@
 """Two-stage fine-tuning of an EdgeFace recognizer on DSR outputs of VLR faces (seeds 003 and 004).
 
-The network input is the frozen DSR model's output for the VLR view (eval mode, no gradients); a
-fraction ``hr_mix`` of every batch can be the HR image instead, so the model keeps working on HR
+The network input is the frozen DSR model's output for the VLR view (eval mode, no gradients) or,
+with ``upsample: bicubic``, the VLR face upsampled bicubically: the control run, the same fine-tune
+without DSR, since fine-tuning is extra training and only the gap between the two runs is what DSR
+adds. A fraction ``hr_mix`` of every batch can be the HR image instead, so the model keeps working on HR
 faces. Stage 1 (``stage1_epochs``) trains the embedding head and the margin head with the backbone
 frozen; stage 2 unfreezes the backbone at a much lower learning rate. The stage follows from the
 epoch number alone (the engine's ``on_epoch_start`` hook), so resuming across the switch lands in
 the same state as an uninterrupted run. The result is a recognizer checkpoint (kind ``recognizer``,
-served as ``recognizer``) that records the DSR model and VLR view it was tuned for.
+served as ``recognizer``) that records its input function, the DSR model and VLR view it was tuned for.
 
 The optimiser holds both parameter groups from the start (a frozen parameter has no gradient, so
 AdamW leaves it and its state alone); a stage only sets ``requires_grad`` and the groups' base LRs.
@@ -16,14 +18,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 from torch import nn
 
 from faceops.config import check, from_dict, to_dict
 from faceops.data.augment import AugmentConfig
+from faceops.data.degrade import RESAMPLE_BITS, parse_size, resize_weights
 from faceops.data.manifest import DatasetError, load_manifest
 from faceops.data.reader import LoaderConfig, SplitData, load_split
+from faceops.data.tensors import MEAN, STD
 from faceops.errors import FaceopsError
 from faceops.models import MarginHeadConfig, RecognizerConfig
 from faceops.train.engine import Engine, EngineConfig, FitResult, OptimConfig, ScheduleConfig, resolve_device
@@ -39,6 +44,8 @@ from faceops.train.recognizer import (
 )
 
 log = logging.getLogger(__name__)
+
+STAGES = {"dsr": "finetune_edgeface", "bicubic": "finetune_bicubic"}  # stage name per input function
 
 
 def _finetune_augment() -> AugmentConfig:
@@ -62,8 +69,10 @@ def _finetune_engine() -> EngineConfig:
 class FinetuneConfig:
     data: str | None = None  # dataset URI with the VLR view; --data overrides
     out: str | None = None  # run output URI; --out overrides
-    dsr: str | None = None  # frozen DSR checkpoint URI; its vlr_size must equal vlr_size
-    vlr_size: str = "32x32"  # VLR view fed through the DSR model
+    upsample: Literal["dsr", "bicubic"] = "dsr"  # input function: the frozen DSR model, or bicubic upsampling
+    #   (the control run: the same fine-tune without DSR)
+    dsr: str | None = None  # frozen DSR checkpoint URI (upsample: dsr); its vlr_size must equal vlr_size
+    vlr_size: str = "32x32"  # VLR view fed through the input function
     init_from: str | None = None  # faceops recognizer checkpoint to start from (its architecture is used)
     pretrained: str | None = None  # or: a user's EdgeFace weights file (state_dict or TorchScript)
     pretrained_init_missing: bool = False  # initialise (and list) keys missing from `pretrained` (seed 004)
@@ -140,7 +149,7 @@ def finetune_recipe(name: str = "32x32") -> FinetuneConfig:
                      f"fine-tune recipe {name}")
 
 
-# -- the task ---------------------------------------------------------------------------------------
+# -- the input functions ----------------------------------------------------------------------------
 class FrozenDSR(Frozen):
     """The DSR model as the recognizer's input function: eval mode, no graph, no gradients."""
 
@@ -149,16 +158,43 @@ class FrozenDSR(Frozen):
             return self.net(x)
 
 
+class BicubicUpsample(nn.Module):
+    """VLR -> HR by bicubic upsampling as evaluation's ``bicubic`` rows do it
+    (:func:`faceops.data.degrade.upsample_bicubic`: Pillow's weights, across then down, each pass
+    clipped to the pixel range), so the control fine-tune trains on the faces it is evaluated on;
+    torch's own bicubic differs (another kernel, another border). A fixed linear map per axis,
+    batched on the device: no per-image work on the training hot path."""
+
+    def __init__(self, vlr_size: str, hr_hw: tuple[int, int]):
+        super().__init__()
+        w, h = parse_size(vlr_size)
+        for name, n_in, n_out in (("rows", h, hr_hw[0]), ("cols", w, hr_hw[1])):
+            weights = resize_weights(n_in, n_out) / float(1 << RESAMPLE_BITS)  # Pillow's fixed point -> float
+            self.register_buffer(name, torch.from_numpy(weights).float(), persistent=False)
+        self.low, self.high = (0.0 - MEAN) / STD, (1.0 - MEAN) / STD  # the network input's pixel range
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.einsum("nchw,pw->nchp", x, self.cols.to(x.dtype)).clamp(self.low, self.high)
+        return torch.einsum("oh,nchp->ncop", self.rows.to(x.dtype), x).clamp(self.low, self.high)
+
+
+def input_function(cfg: FinetuneConfig, hr_hw: tuple[int, int]) -> nn.Module:
+    """What turns the VLR view into the recognizer's input: the frozen DSR, or bicubic upsampling."""
+    if cfg.upsample == "bicubic":
+        return BicubicUpsample(cfg.vlr_size, hr_hw)
+    return FrozenDSR(load_frozen_dsr(cfg.dsr, cfg.vlr_size))
+
+
+# -- the task ---------------------------------------------------------------------------------------
 class FinetuneTask(RecognizerTask):
-    stage = "finetune_edgeface"
     kind = "recognizer"
 
     def __init__(self, cfg: FinetuneConfig, train: SplitData, val: SplitData | None, device: torch.device,
-                 dsr: nn.Module):
+                 input_fn: nn.Module):
         self.ft = cfg
-        self.dsr = FrozenDSR(dsr).to(device)
+        self.stage = STAGES[cfg.upsample]
         super().__init__(cfg.recognizer_config(), train, val, device, input_view=cfg.vlr_size,
-                         input_fn=self.dsr)
+                         input_fn=input_fn.to(device))
         self.current_stage = 0
 
     # -- the two stages
@@ -194,7 +230,7 @@ class FinetuneTask(RecognizerTask):
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         if self.current_stage == 1:
             self.model.backbone.eval()  # frozen backbone: no BatchNorm statistics move either
-        x = self.dsr(batch["vlr"])
+        x = self.input_fn(batch["vlr"])
         n_hr = round(self.ft.hr_mix * len(x))  # batches are shuffled: the first n_hr are a random subset
         if n_hr:
             x = torch.cat([batch["hr"][:n_hr], x[n_hr:]])
@@ -213,8 +249,8 @@ class FinetuneTask(RecognizerTask):
         return figures
 
     def checkpoint_meta(self) -> dict:
-        return {**super().checkpoint_meta(), "dsr": self.ft.dsr, "vlr_size": self.ft.vlr_size,
-                "finetune_stage": self.current_stage, "hr_mix": self.ft.hr_mix}
+        return {**super().checkpoint_meta(), "upsample": self.ft.upsample, "dsr": self.ft.dsr,
+                "vlr_size": self.ft.vlr_size, "finetune_stage": self.current_stage, "hr_mix": self.ft.hr_mix}
 
 
 # -- entry point ------------------------------------------------------------------------------------
@@ -249,10 +285,15 @@ def _start_model(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict | None]:
 
 
 def finetune_edgeface(cfg: FinetuneConfig, resume: bool = False) -> FitResult:
-    """Fine-tune a recognizer on DSR outputs of ``cfg.data``'s VLR view; checkpoints go to ``cfg.out``."""
-    if not cfg.data or not cfg.out or not cfg.dsr:
-        raise FaceopsError("fine-tuning needs a dataset (--data or finetune.data), an output URI (--out or "
-                           "finetune.out) and the DSR checkpoint (finetune.dsr=URI)")
+    """Fine-tune a recognizer on DSR outputs (or bicubic upsampling) of ``cfg.data``'s VLR view;
+    checkpoints go to ``cfg.out``."""
+    if not cfg.data or not cfg.out:
+        raise FaceopsError("fine-tuning needs a dataset (--data or finetune.data) and an output URI (--out or "
+                           "finetune.out)")
+    if (cfg.upsample == "dsr") != bool(cfg.dsr):
+        raise FaceopsError("finetune.upsample=dsr needs the DSR checkpoint (finetune.dsr=URI)" if cfg.upsample == "dsr"
+                           else f"finetune.upsample=bicubic trains without DSR, but finetune.dsr is {cfg.dsr}: "
+                           "unset it, or set finetune.upsample=dsr")
     manifest = load_manifest(cfg.data)
     view = f"vlr_{cfg.vlr_size}"
     if view not in manifest["views"]:
@@ -263,13 +304,13 @@ def finetune_edgeface(cfg: FinetuneConfig, resume: bool = False) -> FitResult:
     has_val = cfg.val_split in manifest["shards"]
     val = load_split(cfg.data, cfg.val_split, views=["hr", view]) if has_val else None
     device = resolve_device(cfg.engine.device)
-    dsr = load_frozen_dsr(cfg.dsr, cfg.vlr_size)
+    upsample = input_function(cfg, train.hr.shape[1:3])
     torch.manual_seed(cfg.engine.seed)  # a new margin head's class centres are part of the run's recipe
-    task = FinetuneTask(cfg, train, val, device, dsr)
+    task = FinetuneTask(cfg, train, val, device, upsample)
     prepare_start(task.model, task.cfg)
     if cfg.reuse_head and load_head(task.head, start, manifest["content_hash"]):
         log.info("finetune: margin head taken from %s (same dataset)", cfg.init_from)
-    log.info("fine-tuning %s on DSR(%s) of %d images: %d head-only + %d full epochs", cfg.model.name,
-             cfg.vlr_size, len(train), cfg.stage1_epochs, cfg.stage2_epochs)
+    log.info("fine-tuning %s on %s(%s) of %d images: %d head-only + %d full epochs", cfg.model.name,
+             cfg.upsample, cfg.vlr_size, len(train), cfg.stage1_epochs, cfg.stage2_epochs)
     return fit_task(task, train, cfg.loader, cfg.engine, cfg.out, to_dict(cfg), manifest["content_hash"],
                     resume, on_epoch_start=task.apply_stage)
