@@ -43,9 +43,9 @@ from faceops.models.contract import (
     explicit_fields,
     shown,
 )
-from faceops.train.engine import Engine, EngineConfig, FitResult, OptimConfig, ScheduleConfig, resolve_device
+from faceops.train.engine import EngineConfig, FitResult, OptimConfig, ScheduleConfig, resolve_device
 from faceops.train.losses import DSRLoss, DSRLossConfig, RecognizerStages, loss_config_for
-from faceops.train.recognizer import embed_arrays, run_id_for
+from faceops.train.recognizer import embed_arrays, fit_task
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,5 @@ def train_dsr(cfg: DSRTrainConfig, resume: bool = False) -> FitResult:
              len(train), cfg.data, cfg.recognizer)
     torch.manual_seed(cfg.engine.seed)  # the DSR's initial weights are part of the run's recipe
     task = DSRTask(cfg, recognizer, val, device, cfg.recognizer)
-    engine = Engine(task, train_set, cfg.engine, cfg.out, run_id=run_id_for(cfg.out), run_config=to_dict(cfg),
-                    model_name=task.model_name, dataset_hash=manifest["content_hash"])
-    task.wrapped = engine.wrapped
-    return engine.fit(resume=resume)
+    return fit_task(task, train, cfg.loader, cfg.engine, cfg.out, to_dict(cfg), manifest["content_hash"], resume,
+                    train_set=train_set)

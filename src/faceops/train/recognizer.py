@@ -210,11 +210,14 @@ def train_recognizer(cfg: RecognizerTrainConfig, resume: bool = False) -> FitRes
 
 
 def fit_task(task, train: SplitData, loader: LoaderConfig, engine_cfg: EngineConfig, out: str,
-             run_config: dict, dataset_hash: str, resume: bool, on_epoch_start=None) -> FitResult:
-    """Shared by every task: dataset over the train split, the engine, the fit."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    train_set = BatchDataset(train, loader, seed=engine_cfg.seed, train=True, rank=rank, world_size=world)
+             run_config: dict, dataset_hash: str, resume: bool, on_epoch_start=None,
+             train_set: BatchDataset | None = None) -> FitResult:
+    """Shared by every task: dataset over the train split (unless the task brings its own batches,
+    as DSR does), the engine, the fit."""
+    if train_set is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        train_set = BatchDataset(train, loader, seed=engine_cfg.seed, train=True, rank=rank, world_size=world)
     engine = Engine(task, train_set, engine_cfg, out, run_id=run_id_for(out),
                     run_config=run_config, model_name=getattr(task, "model_name", ""),
                     dataset_hash=dataset_hash, on_epoch_start=on_epoch_start)
