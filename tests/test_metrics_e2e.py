@@ -305,6 +305,7 @@ def _groups(gateway: str) -> list[dict[str, str]]:
 def test_prometheus_scrapes_local_triton(prom_stack, tmp_path):
     pytest.importorskip("pytriton", reason="the local Triton needs nvidia-pytriton: pip install 'faceops[serve]'")
     from faceops.export import export_modules
+    from faceops.export.triton_repo import parse_config
     from faceops.models import RecognizerConfig, create_recognizer
     from faceops.serve import FaceClient, LocalTriton
 
@@ -315,15 +316,18 @@ def test_prometheus_scrapes_local_triton(prom_stack, tmp_path):
     batches = [2, 3, 1]
     with LocalTriton(str(tmp_path / "repo"), metrics_port=prom_stack.triton_metrics_port) as triton:
         client = FaceClient(triton.grpc_url, timeout=30.0)
+        # the model's warm-up (model_warmup in its config) runs inferences at load: Triton counts them
+        warmups = parse_config((tmp_path / "repo" / "recognizer" / "config.pbtxt").read_text()).model_warmup
+        warmup = sum(w.batch_size * max(1, w.count) for w in warmups)
         rng = np.random.default_rng(0)
         for n in batches:
             x = rng.uniform(-1, 1, (n, 3, 112, 112)).astype(np.float32)
             assert client.infer("recognizer", x).shape == (n, 512)
         count = prom_stack.wait_for('sum(nv_inference_count{job="triton", model="recognizer"})',
-                                    lambda r: scalar(r) == sum(batches))
+                                    lambda r: scalar(r) == warmup + sum(batches))
         assert scalar(count) > 0
         ok = prom_stack.query('sum(nv_inference_request_success{job="triton", model="recognizer"})')
-        assert scalar(ok) == len(batches)
+        assert scalar(ok) == len(batches) + len(warmups)  # a warm-up sample is one successful request
 
 
 # -- the local-run path: /metrics on a port while training ---------------------------------------

@@ -93,11 +93,16 @@ def test_run_arcface_resnet34_local(tmp_path, capsys):
 def test_main_job_from_readme_runs_vlr_face(tmp_path):
     """The README's main-job command (scripts/demo.sh -> faceops run vlr_face), tiny settings: the VLR
     table has five rows, the control (recognizer fine-tuned on bicubic faces) among them."""
+    from test_run_view import check_clean_view
+
     from faceops.train.checkpoint import load_checkpoint
 
     r = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--config", str(TINY), "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    tasks = sorted(p.name for p in next((tmp_path / "kfp").iterdir()).iterdir())
+    assert {"ingest", "train-recognizer", "train-dsr", "finetune-bicubic", "deploy"} <= set(tasks)
+    check_clean_view(r.stdout + r.stderr, tasks, tmp_path)  # one line per step start and end, <= 60 lines
     run = tmp_path / "store" / "runs" / "run"
     for rel in ("recognizer/last.pt", "dsr_32x32/best.pt", "recognizer_finetuned/last.pt",
                 "recognizer_finetuned_bicubic/last.pt", "evaluation/metrics.json", "evaluation/report.html"):

@@ -25,10 +25,12 @@ STAGE_LOGS = {  # KFP task name -> the stage log it writes
     "finetune-edgeface": "finetune_edgeface", "evaluate": "evaluate", "evaluate-vlr": "evaluate",
     "export": "export", "export-vlr": "export", "deploy": "deploy",
 }
+KFP_LOG = "kfp.log"  # in <out>/logs: everything the local runner and its tasks print
+EXCEPTION_LINE = re.compile(r"^[\w.]+(?:Error|Exception|Interrupt|Exit): ")  # a traceback's last line
 
 
 class PipelineRunError(FaceopsError):
-    pass
+    """A step of a local run failed; the message names the step, the cause and the log."""
 
 
 def pipeline_module(name: str):
@@ -74,33 +76,83 @@ def config_yaml(name: str, config_file: str | None, overrides: list[str] | None 
     return yaml.safe_dump(config.read_document(path, overrides), sort_keys=False)
 
 
+def is_remote(uri: str) -> bool:
+    """A store URI that is not a folder on this machine (``s3://…``)."""
+    return "://" in uri and not uri.startswith("file://")
+
+
 @dataclass
 class LocalRun:
+    """Where a finished local run left things: store URIs (a path for the local store, ``s3://…``
+    when ``store_uri`` names a bucket), so the summary never points at a folder that does not exist."""
+
     out: Path
-    run_root: Path
-    repo: Path
+    run_root: str  # the run's outputs in the store: checkpoints, evaluation
+    repo: str  # the Triton model repository
     logs: Path
     seconds: float
+    report_copy: Path | None = None  # a local copy of a remote evaluation folder (report, images, metrics)
+    copy_error: str = ""  # why a remote report could not be copied
 
     @property
-    def report(self) -> Path:
-        return self.run_root / "evaluation" / "report.html"
+    def evaluation(self) -> str:
+        return f"{self.run_root}/evaluation"
 
     @property
-    def metrics(self) -> Path:
-        return self.run_root / "evaluation" / "metrics.json"
+    def report(self) -> str:
+        return f"{self.evaluation}/report.html"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.evaluation}/metrics.json"
+
+    def local_metrics(self) -> Path | None:
+        """metrics.json on this machine (the store's, or the local copy of a remote one), if any."""
+        if self.report_copy:
+            path = self.report_copy / "metrics.json"
+        elif is_remote(self.metrics):
+            return None
+        else:
+            path = Path(self.metrics.removeprefix("file://"))
+        return path if path.is_file() else None
 
     def summary(self) -> str:
-        rows = [("report", self.report), ("metrics", self.metrics), ("model repository", self.repo),
-                ("checkpoints", self.run_root), ("logs", self.logs), ("time", f"{self.seconds / 60:.1f} min")]
+        rows: list[tuple[str, object]] = [("report", self.report)]
+        if self.report_copy:
+            rows.append(("report (local)", self.report_copy / "report.html"))
+        elif self.copy_error:
+            rows.append(("report (local)", f"not copied: {self.copy_error}"))
+        rows += [("metrics", self.metrics), ("model repository", self.repo), ("checkpoints", self.run_root),
+                 ("logs", self._logs()), ("time", f"{self.seconds / 60:.1f} min")]
         return "\n".join(f"  {k:<17} {v}" for k, v in rows)
+
+    def _logs(self) -> str:
+        return f"{self.logs}  ({KFP_LOG}: the runner's whole output; <step>.log: each step's own log)"
+
+
+def copy_report(evaluation_uri: str, dest: Path) -> Path:
+    """Copy an evaluation folder in the store (report.html, its images, metrics.json) to ``dest``, so a
+    person can open the report of a run whose store is a bucket."""
+    from faceops.storage import open_store
+
+    store = open_store(evaluation_uri)
+    for key in store.list(""):
+        store.get_file(key, dest / key)
+    if not (dest / "report.html").is_file():
+        raise FaceopsError(f"{evaluation_uri} holds no report.html")
+    return dest
 
 
 def run_local(name: str, *, config_file: str | None = None, overrides: list[str] | None = None,
               data: str | None = None, pairs: str | None = None, out: str | None = None,
-              params: dict | None = None) -> LocalRun:
-    """Run pipeline ``name`` end to end on this machine (kfp.local, local folder store)."""
+              params: dict | None = None, verbose: bool = False) -> LocalRun:
+    """Run pipeline ``name`` end to end on this machine (kfp.local; the store is a local folder unless
+    ``store_uri`` says otherwise). The console shows one line per step; the runner's whole output goes to
+    ``<out>/logs/kfp.log`` (``verbose``: to the console as well)."""
     from kfp import local
+
+    from faceops.console import watch_run
+    from faceops.storage import StoreError
 
     text = config_yaml(name, config_file, overrides)  # checked before anything is written
     pipeline = pipeline_module(name).build(ClusterConfig(retries=0))  # locally a failure is reported at once
@@ -110,34 +162,60 @@ def run_local(name: str, *, config_file: str | None = None, overrides: list[str]
     out_dir = Path(out or f"faceops-runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(text)
+    logs = out_dir / "logs"
     args = {"config_yaml": text, "source": data or "synth://",
             "dataset_name": Path(data).name if data else "synthetic", "store_uri": str(out_dir / "store"),
             "model_repo_uri": str(out_dir / "store" / "triton"),
             "run_id": "run", "pairs_file": str(Path(pairs).resolve()) if pairs else "",
-            "gpus_per_node": 0, "nodes": 1, "log_dir": str(out_dir / "logs"), **typed}
+            "gpus_per_node": 0, "nodes": 1, "log_dir": str(logs), **typed}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "kfp"),
                raise_on_error=True)
-    print(f"faceops run {name}: output in {out_dir}", flush=True)
+    print(f"faceops run {name}: output in {out_dir}\n  runner log: {logs / KFP_LOG}", flush=True)
     t0 = time.time()
-    try:
-        pipeline(**args)
-    except RuntimeError as exc:
-        raise PipelineRunError(_failure_message(str(exc), out_dir)) from None
-    return LocalRun(out_dir, out_dir / "store" / "runs" / "run", out_dir / "store" / "triton",
-                    out_dir / "logs", time.time() - t0)
+    failure = None
+    with watch_run(logs / KFP_LOG, out_dir / "kfp", verbose=verbose):
+        try:
+            pipeline(**args)
+        except RuntimeError as exc:
+            failure = str(exc)
+    if failure is not None:
+        raise PipelineRunError(_failure_message(failure, out_dir))
+    store = str(args["store_uri"]).rstrip("/")
+    result = LocalRun(out_dir, f"{store}/runs/{args['run_id']}", str(args["model_repo_uri"]), logs,
+                      time.time() - t0)
+    if is_remote(result.evaluation):
+        try:
+            result.report_copy = copy_report(result.evaluation, out_dir / "report")
+        except (StoreError, FaceopsError) as exc:  # the run itself succeeded: say why there is no copy
+            result.copy_error = str(exc)
+    return result
 
 
 def _failure_message(text: str, out_dir: Path) -> str:
+    """``step 'NAME' failed: CAUSE (log: FILE)``: the cause is the step's last ERROR line, or the last
+    exception in the runner's log when the step failed before it could log one (an import error)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # kfp colours task names
     m = re.search(r"(?:[Tt]ask|failed:) '([\w-]+)'", text)
     task = m.group(1) if m else "?"
-    stage_log = out_dir / "logs" / f"{STAGE_LOGS.get(task, task)}.log"
+    stage_log = out_dir / "logs" / f"{STAGE_LOGS.get(task, task.replace('-', '_'))}.log"
     cause = ""
     if stage_log.is_file():
         errors = [ln for ln in stage_log.read_text().splitlines() if " ERROR " in ln]
         cause = errors[-1].split(": ", 1)[-1] if errors else ""
-    where = stage_log if stage_log.is_file() else out_dir / "kfp"
+    kfp_log = out_dir / "logs" / KFP_LOG
+    where = stage_log if stage_log.is_file() else kfp_log
+    if not cause and kfp_log.is_file():
+        raised = [ln.strip() for ln in _task_output(kfp_log.read_text(), task) if EXCEPTION_LINE.match(ln.strip())]
+        if raised:
+            cause, where = raised[-1], kfp_log
     return f"step '{task}' failed{': ' + cause if cause else ''} (log: {where})"
+
+
+def _task_output(log_text: str, task: str) -> list[str]:
+    """The lines of the runner's log from the last start of ``task`` on."""
+    lines = log_text.splitlines()
+    starts = [i for i, ln in enumerate(lines) if f"Executing task '{task}'" in ln]
+    return lines[starts[-1]:] if starts else lines
 
 
 def compile_pipeline(name: str, output: str, cluster_file: str | None = None) -> Path:

@@ -25,7 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run", help="run a pipeline end to end on this machine (kfp local runner)",
         description="Runs PIPELINE through kfp's local SubprocessRunner with a local folder as the store: "
         "the same components as on a cluster. Without --data it trains on synthetic faces. Prints each step "
-        "as it starts and ends, and where the report, metrics, model repository and logs are.")
+        "as it starts and ends with its key figures, and where the report, metrics, model repository and logs "
+        "are; the runner's whole output (executor input/output, warnings) goes to <out>/logs/kfp.log (-v: "
+        "to the console as well). With --param store_uri=s3://BUCKET the outputs go to the bucket "
+        "(FACEOPS_S3_* from the environment) and the report is copied to <out>/report.")
     p.add_argument("pipeline", choices=sorted(PIPELINES))
     add_config_args(p, None, "recognizer.engine.epochs=3")
     p.add_argument("--data", metavar="DIR", help="a folder with one sub-folder per identity (default: synthetic)")
@@ -33,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="output folder (default faceops-runs/<pipeline>-<time>)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="pipeline parameter, e.g. --param vlr_size=14x16")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show the runner's whole output as well (as `faceops -v run`)")
     p.set_defaults(func=run)
 
     c = sub.add_parser("compile", help="compile a pipeline to KFP v2 YAML",
@@ -63,12 +68,14 @@ def run(args: argparse.Namespace) -> int:
     from faceops.run import run_local
 
     result = run_local(args.pipeline, config_file=args.config, overrides=args.overrides, data=args.data,
-                       pairs=args.pairs, out=args.out, params=_param(args.param))
+                       pairs=args.pairs, out=args.out, params=_param(args.param),
+                       verbose=getattr(args, "verbose", False))
     print(f"\nfaceops run {args.pipeline}: done\n{result.summary()}")
-    if result.metrics.is_file():
+    metrics = result.local_metrics()
+    if metrics:
         from faceops.evaluate.runner import summary_table
 
-        print("\n" + summary_table(json.loads(result.metrics.read_text())))
+        print("\n" + summary_table(json.loads(metrics.read_text())))
     return 0
 
 
