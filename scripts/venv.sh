@@ -19,7 +19,8 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   # --no-deps: the lock is the whole environment; a package missing from it fails the check below.
   quiet "${pip[@]}" install -q --no-deps -r constraints.txt
   rm -rf ./*.egg-info  # a stale one in the checkout shadows the new metadata (extras) for importlib
-  quiet "${pip[@]}" install -q --no-deps --no-build-isolation -e . >/dev/null
+  # PYTHONWARNINGS: setuptools' generic "editable installation" banner, not an error
+  PYTHONWARNINGS=ignore quiet "${pip[@]}" install -q --no-deps --no-build-isolation -e . >/dev/null
   "${pip[@]}" check
   .venv/bin/python scripts/check_lock.py
   echo "$want" > "$stamp"
