@@ -131,3 +131,22 @@ def kill_at_first_checkpoint(cmd: list[str], out: Path, env: dict, timeout_s: fl
     assert proc.poll() is None, "training finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread and a fixed seed for the test (model tests: stable, and fair to a shared CPU)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_faces(n: int = 2):
+    """``n`` random inputs in the recognizers' [-1, 1] 3x112x112 input space."""
+    import torch
+
+    return torch.rand(n, 3, 112, 112) * 2 - 1

@@ -294,6 +294,16 @@ def test_models_trained_on_different_faces_are_not_exported_together(tmp_path):
                        dsr_contracts={"32x32": other})
 
 
+def check_int8_report(report: dict, calib: CalibData, repo: Path) -> None:
+    """The INT8 report's figures are consistent and the model is a QDQ graph."""
+    int8 = report["int8"]
+    assert int8["pairs"] == len(calib.pairs) and int8["calib_images"] == len(calib.hr)
+    assert 0.0 <= int8["int8_accuracy"] <= 1.0 and 0.5 <= int8["fp32_accuracy"] <= 1.0
+    assert int8["accuracy_change"] == pytest.approx(int8["int8_accuracy"] - int8["fp32_accuracy"])
+    graph = onnx.load(str(repo / "recognizer_int8" / "1" / "model.onnx")).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # QDQ format
+
+
 # -- INT8 -----------------------------------------------------------------------------------------
 def test_int8_export_reports_accuracy_change_and_serves_in_int8(tmp_path, monkeypatch):
     """The INT8 gate's figures, a QDQ graph, and for a GPU Triton a TensorRT accelerator in INT8 (the
@@ -303,12 +313,7 @@ def test_int8_export_reports_accuracy_change_and_serves_in_int8(tmp_path, monkey
     calib = CalibData(hr=faces, pairs=all_pairs(labels))
     report = export_modules(tiny_recognizer(), str(tmp_path / "repo"), calib=calib, int8=True,
                             cfg=ExportConfig(int8_max_accuracy_drop=1.0))
-    int8 = report["int8"]
-    assert int8["pairs"] == len(calib.pairs) and int8["calib_images"] == len(faces)
-    assert 0.0 <= int8["int8_accuracy"] <= 1.0 and 0.5 <= int8["fp32_accuracy"] <= 1.0
-    assert int8["accuracy_change"] == pytest.approx(int8["int8_accuracy"] - int8["fp32_accuracy"])
-    graph = onnx.load(str(tmp_path / "repo" / "recognizer_int8" / "1" / "model.onnx")).graph
-    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # QDQ format
+    check_int8_report(report, calib, tmp_path / "repo")
     precision = {name: accelerator(tmp_path / "repo", name).parameters["precision_mode"]
                  for name in ("recognizer", "recognizer_int8")}
     assert precision == {"recognizer": "FP16", "recognizer_int8": "INT8"}
@@ -319,12 +324,7 @@ def test_int8_export_reports_accuracy_change_on_real_faces(tmp_path, data_dir):
     calib = CalibData(hr=faces, vlr={"32x32": vlr_of(faces)}, pairs=all_pairs(labels))
     report = export_modules(tiny_recognizer(), str(tmp_path / "repo"), calib=calib, int8=True,
                             cfg=ExportConfig(int8_max_accuracy_drop=1.0))
-    int8 = report["int8"]
-    assert int8["pairs"] == len(calib.pairs) and int8["calib_images"] == len(faces)
-    assert 0.0 <= int8["int8_accuracy"] <= 1.0 and 0.5 <= int8["fp32_accuracy"] <= 1.0
-    assert int8["accuracy_change"] == pytest.approx(int8["int8_accuracy"] - int8["fp32_accuracy"])
-    graph = onnx.load(str(tmp_path / "repo" / "recognizer_int8" / "1" / "model.onnx")).graph
-    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # QDQ format
+    check_int8_report(report, calib, tmp_path / "repo")
     assert onnx_file_contract(tmp_path / "repo" / "recognizer_int8" / "1" / "model.onnx") == onnx_file_contract(
         tmp_path / "repo" / "recognizer" / "1" / "model.onnx") == InputContract()  # assumed: none was given
     assert report["models"]["recognizer"]["parity"]["max_abs"] <= 1e-4  # parity ran on real faces

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_faces
 from torch import nn
 
 from faceops.config import ConfigError
@@ -33,17 +34,10 @@ EMBEDDING = 512
 INSIGHTFACE_PARAMS = {"iresnet34": 34_139_328, "iresnet50": 43_590_848, "iresnet100": 65_156_160}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def faces(n: int = 2) -> torch.Tensor:
-    return torch.rand(n, 3, 112, 112) * 2 - 1
+faces = random_faces
 
 
 def iresnet(name: str = "iresnet34", **kw) -> nn.Module:

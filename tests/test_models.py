@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_faces
 from torch import nn
 
 from faceops.config import ConfigError, from_dict
@@ -43,17 +44,10 @@ OFFICIAL_PARAMS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def faces(n: int = 2) -> torch.Tensor:
-    return torch.rand(n, 3, 112, 112) * 2 - 1
+faces = random_faces
 
 
 @pytest.mark.parametrize("name", BACKBONES.names())

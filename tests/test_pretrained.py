@@ -25,13 +25,7 @@ SEED_004_MISSING = [  # the four keys seed 004's EdgeFace-XXS file lacked
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def xxs(**kw):
