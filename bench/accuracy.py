@@ -53,8 +53,10 @@ from faceops.evaluate import evaluate
 from faceops.export import ExportConfig, check_parity, export_onnx
 from faceops.models import MarginHeadConfig, RecognizerConfig, create_margin_head, create_recognizer
 from faceops.train.checkpoint import load_model
-from faceops.train.engine import Engine, FitResult, build_scheduler
-from faceops.train.recognizer import RecognizerTask, RecognizerTrainConfig, fit_task
+from faceops.train.engine import Engine, FitResult
+from faceops.train.fit import fit_task
+from faceops.train.hooks import Hook
+from faceops.train.recognizer import RecognizerTask, RecognizerTrainConfig
 
 from ._runner import save_result
 
@@ -111,28 +113,24 @@ def seconds_per_step(cfg: RecognizerTrainConfig, classes: int, repeats: int = 3)
     return (time.perf_counter() - t0) / repeats
 
 
-class BudgetPlanner:
-    """Epoch-start hook that keeps the run inside the wall-clock budget on a machine whose speed
-    changes (shared CPUs): from the time per step measured so far it re-plans the total steps and
-    rebuilds the cosine schedule so that it still ends when the budget does."""
+class BudgetPlanner(Hook):
+    """Keeps the run inside the wall-clock budget on a machine whose speed changes (shared CPUs): at
+    each epoch start, from the time per step measured so far, it re-plans the total steps; the engine
+    rebuilds the schedule so that it still ends when the budget does."""
 
     def __init__(self, minutes: float, started: float):
         self.budget_s, self.started = minutes * 60, started
         self.replans: list[int] = []
 
-    def __call__(self, epoch: int, engine: Engine) -> None:
+    def on_epoch_start(self, engine: Engine) -> None:
         if engine.step == 0:
             return
         elapsed = time.time() - self.started
         per_step = elapsed / engine.step  # training, validation and checkpoints so far
         total = engine.step + max(1, int((self.budget_s - elapsed) / per_step))
-        if total == engine.total_steps:
-            return
-        engine.total_steps = total
-        engine.scheduler = build_scheduler(engine.cfg.schedule, engine.optimizer, total, engine.steps_per_epoch)
-        engine.scheduler.last_epoch = engine.step
-        engine._apply_lr_scale()  # the learning rate of the re-planned schedule at this step
-        self.replans.append(total)
+        if total != engine.total_steps:
+            engine.replan(total)
+            self.replans.append(total)
 
 
 def curve(history: list[dict]) -> list[list[float]]:
@@ -169,7 +167,7 @@ def headline(metrics: dict) -> dict:
             **{k: i[k] for k in keep_i if k in i}}
 
 
-def train(cfg: RecognizerTrainConfig, on_epoch_start) -> FitResult:
+def train(cfg: RecognizerTrainConfig, planner: BudgetPlanner) -> FitResult:
     """``train_recognizer``'s steps, with the budget hook on the engine."""
     manifest = load_manifest(cfg.data)
     train_split = load_split(cfg.data, "train", views=["hr"])
@@ -177,7 +175,7 @@ def train(cfg: RecognizerTrainConfig, on_epoch_start) -> FitResult:
     torch.manual_seed(cfg.engine.seed)
     task = RecognizerTask(cfg, train_split, val_split, torch.device(cfg.engine.device))
     return fit_task(task, train_split, cfg.loader, cfg.engine, cfg.out, to_dict(cfg), manifest["content_hash"],
-                    resume=False, on_epoch_start=on_epoch_start)
+                    resume=False, hooks=[planner])
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from faceops.data.augment import AugmentConfig
 from faceops.data.reader import BatchDataset, LoaderConfig, SplitData, make_loader
 from faceops.models import RecognizerConfig
-from faceops.train.engine import Engine, EngineConfig, build_optimizer
+from faceops.train.config import EngineConfig
+from faceops.train.engine import Engine
+from faceops.train.optim import build_optimizer
 from faceops.train.recognizer import RecognizerTask, RecognizerTrainConfig
 
 from ._runner import save_result
@@ -76,9 +78,9 @@ class TimedRecognizerTask(RecognizerTask):
 
     stamps: list[float]
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, torch.Tensor], nets: dict[str, torch.nn.Module]) -> tuple[torch.Tensor, dict]:
         self.stamps.append(time.perf_counter())
-        return super().loss(batch)
+        return super().loss(batch, nets)
 
 
 @dataclass

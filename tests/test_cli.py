@@ -71,12 +71,12 @@ def test_readme_set_examples_load():
 
 
 def test_train_tasks_read_their_sections_class():
-    import importlib
+    from faceops.train.registry import TASKS, get_task
 
-    from faceops.cli.train import TASKS
-
-    for module, cls, _, section, _ in TASKS.values():
-        assert getattr(importlib.import_module(module), cls) is config.section_class(section)
+    assert TASKS.names() == ["dsr", "finetune", "recognizer"]
+    for task in map(get_task, TASKS.names()):
+        assert task.config_cls is config.section_class(task.section)
+        assert task.section == task.name  # `faceops train NAME` reads the section `NAME:`
 
 
 # -- bad configs -----------------------------------------------------------------------------------
@@ -159,3 +159,10 @@ def test_bad_command_line_values_exit_2(tmp_path, capsys):
     assert not (tmp_path / "faces").exists()
     assert main(["run", "vlr_face", "--param", "vlr_size", "--out", str(tmp_path / "run")]) == 2
     assert "--param 'vlr_size': expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_python_m_faceops_is_the_faceops_command():
+    """torchrun starts `python -m faceops ...` (faceops.train.torchrun.ENTRY_MODULE)."""
+    r = subprocess.run([sys.executable, "-m", "faceops", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: faceops ") and "train" in r.stdout

@@ -64,6 +64,26 @@ def test_every_ready_config_loads():
     assert config.load(RecognizerTrainConfig, config.packaged_config("demo"), section="recognizer").engine.epochs > 0
 
 
+def test_every_recipe_is_a_config_file_and_builds():
+    """Recipes are data: each named recipe is a packaged config whose task sections build (and the
+    32x32 one, which the dataclass defaults also describe, agrees with them)."""
+    from faceops.train.dsr import DSRTrainConfig, dsr_recipe
+    from faceops.train.finetune import FinetuneConfig, finetune_recipe
+    from faceops.train.recipes import RECIPES, recipe
+    from faceops.train.registry import TASKS, get_task
+
+    for name, file in RECIPES.items():
+        data = config.read_document(config.packaged_config(file))
+        built = [recipe(get_task(t).config_cls, get_task(t).section, name) for t in TASKS.names()
+                 if get_task(t).section in data]
+        assert built, f"recipe {name} ({file}.yaml) has no training section"
+    assert config.to_dict(dsr_recipe("32x32")) == config.to_dict(DSRTrainConfig())
+    r32, default = config.to_dict(finetune_recipe("32x32")), config.to_dict(FinetuneConfig())
+    assert (r32["margin"]["m"], default["margin"]["m"]) == (0.45, 0.3)  # the default margin is seed 004's
+    assert {**r32, "margin": None} == {**default, "margin": None}
+    assert dsr_recipe("16x16").model.vlr_size == "16x16"
+
+
 def test_synth_section_is_typed(tmp_path):
     from faceops.data.synth import SynthConfig
 
@@ -114,6 +134,27 @@ def test_yaml_errors_give_the_line(tmp_path):
         config.read_yaml(f)
     with pytest.raises(config.ConfigError, match="config file not found"):
         config.read_yaml(tmp_path / "nope.yaml")
+
+
+def test_every_yaml_text_goes_through_the_strict_reader():
+    """--set values and config text (a pipeline's config_yaml) refuse a repeated key as files do,
+    and their syntax errors give the line."""
+    with pytest.raises(config.ConfigError, match=r"^--set 'a=\{x: 1, x: 2\}': value: line 1, .*given twice"):
+        config.parse_override("a={x: 1, x: 2}")
+    with pytest.raises(config.ConfigError, match=r"^--set 'a=\[1': value: line 1, column \d+: not valid YAML"):
+        config.parse_override("a=[1")
+    with pytest.raises(config.ConfigError, match=r"^<config>: line 2, column 1: not valid YAML: key 'dsr' is given"):
+        config.parse_yaml("dsr: {}\ndsr: {}\n")
+    assert config.load_yaml("[1, {a: 2}]") == [1, {"a": 2}]
+    assert config.parse_override("a.b=") == (["a", "b"], None)
+
+
+def test_deep_merge_lays_an_override_onto_a_copy():
+    base = {"lr": 1.0, "engine": {"epochs": 3, "optim": {"wd": 0.1, "lr": 2.0}}, "tags": {"a": 1}}
+    merged = config.deep_merge(base, {"engine": {"optim": {"wd": 0.0}}, "tags": None, "new": {"x": 1}})
+    assert merged == {"lr": 1.0, "engine": {"epochs": 3, "optim": {"wd": 0.0, "lr": 2.0}}, "tags": None,
+                      "new": {"x": 1}}
+    assert base["engine"]["optim"]["wd"] == 0.1 and base["tags"] == {"a": 1}  # the inputs are unchanged
 
 
 def test_override_may_name_its_section():

@@ -29,6 +29,7 @@ from faceops.models.contract import (
     dataset_contract,
     from_checkpoint,
     shared_preparation,
+    vlr_size_of,
 )
 from faceops.train.checkpoint import load_checkpoint, save_checkpoint
 from faceops.train.dsr import DSRTask, DSRTrainConfig
@@ -80,6 +81,13 @@ def test_conflicts_name_both_values_and_models_must_agree():
         check_agrees(c, {"center_crop": 100}, "rec.pt", "--config")
     with pytest.raises(ContractConflictError, match=r"a\.pt was trained with center_crop = 120 but b\.pt.*null"):
         shared_preparation([("a.pt", c), ("b.pt", InputContract())])
+
+
+def test_vlr_size_of_reads_either_place_a_checkpoint_records_it():
+    assert vlr_size_of({"vlr_size": "16x16", "model_config": {"vlr_size": "32x32"}}) == "16x16"
+    assert vlr_size_of({"model_config": {"vlr_size": "24x24"}}) == "24x24"
+    assert vlr_size_of({"kind": "recognizer", "model_config": {"name": "edgeface_s"}}) is None
+    assert vlr_size_of({"vlr_size": None, "model_config": None}) is None
 
 
 def test_a_model_without_a_contract_is_assumed_with_a_warning(caplog):

@@ -27,7 +27,7 @@ def _env() -> dict:
 
 def _train_cmd(data: str, out: Path, *sets: str) -> list[str]:
     args = [a for s in (*TINY, *sets) for a in ("--set", s)]
-    return [sys.executable, "-m", "faceops.train.launch", "train", "recognizer", "--data", data, "--out", str(out),
+    return [sys.executable, "-m", "faceops", "train", "recognizer", "--data", data, "--out", str(out),
             *args]
 
 
@@ -35,7 +35,7 @@ def test_injected_nans_are_skipped_counted_and_rolled_back(tiny_dataset, tmp_pat
     torch.set_num_threads(1)
     # step 1: one poisoned loss; step 3: three in a row -> a rollback (max_consecutive 3)
     cfg = tiny_cfg(tiny_dataset, tmp_path, "engine.epochs=4", "engine.checkpoint_every_steps=2",
-                   "engine.nan_guard.inject_steps=[1, 3, 3, 3]", "engine.nan_guard.snapshot_every=1")
+                   "engine.nan_guard.inject_steps=[1, 3, 4, 5]", "engine.nan_guard.snapshot_every=1")
     result = train_recognizer(cfg)
     assert result.nan_events == {"loss": 4, "grad": 0, "param": 0}
     assert result.rollbacks == 1
@@ -50,8 +50,8 @@ def test_injected_grad_nans_and_budget(tiny_dataset, tmp_path):
                    "engine.nan_guard.inject_steps=[1]")
     assert train_recognizer(cfg).nan_events["grad"] == 1
     cfg = tiny_cfg(tiny_dataset, tmp_path / "b", "engine.epochs=3", "engine.nan_guard.budget=2",
-                   "engine.nan_guard.inject_steps=[1, 1, 1]", "engine.nan_guard.max_consecutive=10")
-    with pytest.raises(Exception, match=r"NaN budget exceeded .* at step 1 .*loss"):
+                   "engine.nan_guard.inject_steps=[1, 2, 3]", "engine.nan_guard.max_consecutive=10")
+    with pytest.raises(Exception, match=r"NaN budget exceeded .* at step 4 .*loss"):
         train_recognizer(cfg)
 
 
@@ -105,7 +105,7 @@ def test_ddp_two_processes_equal_one(tiny_dataset, tmp_path):
     subprocess.run(_train_cmd(tiny_dataset, one, *sets), check=True, env=_env(), capture_output=True)
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "faceops.train.launch", *_train_cmd(tiny_dataset, two, *sets)[3:]]
+           "-m", "faceops", *_train_cmd(tiny_dataset, two, *sets)[3:]]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _weights(one / "last.pt"), _weights(two / "last.pt")
@@ -117,23 +117,44 @@ def test_ddp_two_processes_equal_one(tiny_dataset, tmp_path):
 
 
 def test_schedules_and_groups():
-    from faceops.train.engine import OptimConfig, ScheduleConfig, build_optimizer, build_scheduler
+    from faceops.train.config import OptimConfig, ScheduleConfig
+    from faceops.train.optim import build_optimizer, build_scheduler
 
     p = [torch.nn.Parameter(torch.zeros(2))]
     q = [torch.nn.Parameter(torch.zeros(2))]
     opt = build_optimizer(OptimConfig(name="sgd", lr=0.1, backbone_lr=0.01), {"backbone": p, "head": q})
     assert [g["lr"] for g in opt.param_groups] == [0.01, 0.1]
-    sched = build_scheduler(ScheduleConfig(name="cosine", warmup_steps=10, warmup_start_factor=0.0,
-                                           min_lr_ratio=0.0), opt, total_steps=110, steps_per_epoch=10)
+    sched = build_scheduler(ScheduleConfig(name="cosine", warmup_steps=10, warmup_start_factor=0.01,
+                                           min_lr=0.0), opt, total_steps=110, steps_per_epoch=10)
+    assert isinstance(sched, torch.optim.lr_scheduler.SequentialLR)
     lrs = []
     for _ in range(110):
         lrs.append(opt.param_groups[1]["lr"])
         opt.step()
         sched.step()
-    assert lrs[0] == 0.0 and lrs[10] == pytest.approx(0.1) and lrs[60] == pytest.approx(0.05, rel=0.05)
+    assert lrs[0] == pytest.approx(0.001) and lrs[10] == pytest.approx(0.1) and lrs[60] == pytest.approx(0.05, rel=0.05)
     assert lrs[-1] < 0.001
     step = build_scheduler(ScheduleConfig(name="step", step_epochs=1, gamma=0.5), opt, 30, 10)
-    assert step.lr_lambdas[0](25) == pytest.approx(0.25)
+    for _ in range(25):
+        opt.step()
+        step.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * 0.25)
+
+
+def test_onecycle_is_torchs():
+    from faceops.train.config import OptimConfig, ScheduleConfig
+    from faceops.train.optim import build_optimizer, build_scheduler
+
+    opt = build_optimizer(OptimConfig(lr=0.1), {"head": [torch.nn.Parameter(torch.zeros(2))]})
+    sched = build_scheduler(ScheduleConfig(name="onecycle", pct_start=0.25), opt, total_steps=100, steps_per_epoch=10)
+    assert isinstance(sched, torch.optim.lr_scheduler.OneCycleLR)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1 / 25) and max(lrs) == pytest.approx(0.1, rel=1e-3)
+    assert lrs.index(max(lrs)) in (24, 25) and lrs[-1] < 1e-4
 
 
 def test_collapse_metric():
@@ -207,14 +228,15 @@ def test_only_a_missing_checkpoint_starts_from_scratch(tiny_dataset, tmp_path, c
 
 
 def test_step_and_image_counters_at_default_log_interval(tiny_dataset, tmp_path):
-    """Default log_every_steps (10): the counters are exact per step, and NaN-skipped batches add nothing."""
+    """Default log_every_steps (10): the counters are exact per step, and NaN-skipped batches add nothing
+    (a skipped step still advances the step count and the schedule, as under torch's GradScaler)."""
     engine, result, registry = _fit(tiny_dataset, tmp_path, "engine.epochs=20", "engine.max_steps=12",
                                     "engine.log_every_steps=10",
                                     "engine.nan_guard.inject_steps=[3]")
     labels = {"stage": "train_recognizer", "run_id": "ck", "model": "edgeface_xxs"}
-    assert result.steps == 12
-    assert registry.get_sample_value("faceops_train_steps_total", labels) == 12
-    assert registry.get_sample_value("faceops_train_images_total", labels) == 12 * 8
+    assert result.steps == 12 and result.nan_events["loss"] == 1
+    assert registry.get_sample_value("faceops_train_steps_total", labels) == 11
+    assert registry.get_sample_value("faceops_train_images_total", labels) == 11 * 8
 
 
 @pytest.mark.slow
@@ -223,7 +245,7 @@ def test_ddp_nan_loss_on_one_rank_skips_on_all_without_hanging(tiny_dataset, tmp
     sets = ("engine.epochs=6", "engine.max_steps=3", "engine.nan_guard.inject_steps=[1]",
             "engine.nan_guard.inject_ranks=[1]")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "faceops.train.launch", *_train_cmd(tiny_dataset, tmp_path, *sets)[3:]]
+           "-m", "faceops", *_train_cmd(tiny_dataset, tmp_path, *sets)[3:]]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = load_checkpoint(str(tmp_path / "last.pt"))
@@ -235,17 +257,22 @@ def test_rollback_keeps_best_patience_and_the_schedule_position(tiny_dataset, tm
     """A snapshot from step 0 and a rollback at step 7: best/bad_epochs are not reset, LR follows the step."""
     from faceops.data.reader import BatchDataset, load_split
     from faceops.train.engine import Engine
+    from faceops.train.hooks import Hook
     from faceops.train.recognizer import RecognizerTask
 
     torch.set_num_threads(1)
     cfg = tiny_cfg(tiny_dataset, tmp_path, "engine.epochs=4", "engine.nan_guard.snapshot_every=1000",
-                   "engine.nan_guard.inject_steps=[7, 7, 7]")
+                   "engine.nan_guard.inject_steps=[7, 8, 9]")
     train = load_split(tiny_dataset, "train")
     val = load_split(tiny_dataset, "val")
     task = RecognizerTask(cfg, train, val, torch.device("cpu"))
     seen: list = []
-    engine = Engine(task, BatchDataset(train, cfg.loader, 0), cfg.engine, str(tmp_path),
-                    on_epoch_start=lambda epoch, e: seen.append(e.best))
+
+    class SeeBest(Hook):
+        def on_epoch_start(self, engine):
+            seen.append(engine.best)
+
+    engine = Engine(task, BatchDataset(train, cfg.loader, 0), cfg.engine, str(tmp_path), hooks=[SeeBest()])
     result = engine.fit()
     assert result.rollbacks == 1
     assert all(b is not None for b in seen[1:]), f"best was reset by the rollback: {seen}"
@@ -255,6 +282,7 @@ def test_rollback_keeps_best_patience_and_the_schedule_position(tiny_dataset, tm
 
 def test_ema_warms_up_and_is_what_validation_scores(tiny_dataset, tmp_path):
     from faceops.data.reader import BatchDataset, load_split
+    from faceops.train.ema import EMA
     from faceops.train.engine import Engine
     from faceops.train.recognizer import RecognizerTask
 
@@ -266,10 +294,11 @@ def test_ema_warms_up_and_is_what_validation_scores(tiny_dataset, tmp_path):
     engine = Engine(task, BatchDataset(train, cfg.loader, 0), cfg.engine, str(tmp_path))
     result = engine.fit()
     raw = task.model.state_dict()
+    ema = next(h for h in engine.hooks if isinstance(h, EMA)).state_dict()
     moved = [k for k, v in init.items() if v.is_floating_point() and not torch.equal(v, raw[k])]
-    ema_part = sum((engine.ema[k] - init[k]).norm() for k in moved) / sum((raw[k] - init[k]).norm() for k in moved)
+    ema_part = sum((ema[k] - init[k]).norm() for k in moved) / sum((raw[k] - init[k]).norm() for k in moved)
     assert ema_part > 0.2, f"the EMA stayed at the initialisation ({ema_part:.4f} of the way; no warm-up)"
-    task.model.load_state_dict(engine.ema)
+    task.model.load_state_dict(ema)
     with torch.no_grad():
         task.model.eval()
         figures = task.validate()

@@ -19,6 +19,7 @@ from faceops.train.finetune import (
     FinetuneConfig,
     FinetuneTask,
     FrozenDSR,
+    TwoStages,
     finetune_edgeface,
     finetune_recipe,
 )
@@ -75,6 +76,8 @@ def test_seed_recipes():
     assert (r32.head_lr, r32.head_lr_stage2, r32.backbone_lr, r32.margin.m) == (9e-4, 6e-5, 6e-6, 0.45)
     assert (stable.head_lr, stable.head_lr_stage2, stable.backbone_lr) == (1e-4, 3e-5, 3e-6)
     assert (r14.vlr_size, r14.loader.vlr_view, r14.stage2_epochs, r14.margin.m) == ("14x16", "14x16", 20, 0.5)
+    # seed 003's 14x16 values, which the YAML recipe lacked while a Python copy had them
+    assert (r14.engine.early_stop_patience, r14.engine.optim.weight_decay) == (8, 5e-5)
     assert r32.engine.epochs == r32.stage1_epochs + r32.stage2_epochs
     with pytest.raises(FaceopsError, match="unknown fine-tune recipe"):
         finetune_recipe("8x8")
@@ -137,11 +140,13 @@ def test_stage_switch_sets_grads_lrs_and_keeps_the_dsr_frozen(tiny_dataset, star
                         FrozenDSR(load_frozen_dsr(start_ckpts["32x32"], "32x32")))
     engine = Engine(task, BatchDataset(train, cfg.loader, 0), cfg.engine, str(tmp_path))
     lrs = lambda: {g["name"]: g["lr"] for g in engine.optimizer.param_groups}  # noqa: E731
-    task.apply_stage(0, engine)
+    stages = TwoStages(task)
+    stages.on_epoch_start(engine)
     assert lrs() == {"backbone": 0.0, "head": 7e-4}
     assert not any(p.requires_grad for p in task.model.backbone.parameters())
     assert all(p.requires_grad for p in task.model.embedding.parameters())
-    task.apply_stage(1, engine)
+    engine.epoch = 1
+    stages.on_epoch_start(engine)
     assert lrs() == {"backbone": 4e-6, "head": 5e-5}
     assert all(p.requires_grad for p in task.model.backbone.parameters())
     task.input_fn.train()
@@ -153,19 +158,19 @@ def test_stage_switch_sets_grads_lrs_and_keeps_the_dsr_frozen(tiny_dataset, star
 def test_resume_across_the_stage_switch_is_exact(tiny_dataset, start_ckpts, tmp_path, monkeypatch):
     torch.set_num_threads(1)
     ref = finetune_edgeface(tiny_ft_cfg(tiny_dataset, tmp_path / "ref", start_ckpts, stage1=1, stage2=2))
-    real_apply = FinetuneTask.apply_stage
+    real_apply = TwoStages.on_epoch_start
 
-    def crash_at_the_switch(self, epoch, engine):
-        if epoch == 1:
+    def crash_at_the_switch(self, engine):
+        if engine.epoch == 1:
             raise KeyboardInterrupt("simulated crash after the stage-1 checkpoint")
-        real_apply(self, epoch, engine)
+        real_apply(self, engine)
 
-    monkeypatch.setattr(FinetuneTask, "apply_stage", crash_at_the_switch)
+    monkeypatch.setattr(TwoStages, "on_epoch_start", crash_at_the_switch)
     cfg = tiny_ft_cfg(tiny_dataset, tmp_path / "run", start_ckpts, stage1=1, stage2=2)
     with pytest.raises(KeyboardInterrupt):
         finetune_edgeface(cfg)
     assert load_checkpoint(str(tmp_path / "run" / "last.pt"))["finetune_stage"] == 1
-    monkeypatch.setattr(FinetuneTask, "apply_stage", real_apply)
+    monkeypatch.setattr(TwoStages, "on_epoch_start", real_apply)
     finetune_edgeface(cfg, resume=True)
     a, b = load_checkpoint(ref.checkpoint), load_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert a["step"] == b["step"] and b["finetune_stage"] == 2
@@ -190,7 +195,8 @@ def test_hr_mix_feeds_hr_faces_instead_of_dsr_outputs(tiny_dataset, start_ckpts,
         task = FinetuneTask(tiny_ft_cfg(tiny_dataset, tmp_path, start_ckpts, hr_mix=mix), train, None,
                             torch.device("cpu"), dsr)
         task.model.eval()
-        assert task.loss(batch)[0].item() == pytest.approx(task.loss(same_when)[0].item(), abs=1e-6)
+        nets = task.modules()
+        assert task.loss(batch, nets)[0].item() == pytest.approx(task.loss(same_when, nets)[0].item(), abs=1e-6)
     with pytest.raises(FaceopsError, match="hr_mix"):
         FinetuneConfig(hr_mix=1.5)
 

@@ -17,7 +17,7 @@ def test_amp_training_with_nan_guard(tiny_dataset, tmp_path, amp):
     cfg = config.load(RecognizerTrainConfig, overrides=[
         f"data={tiny_dataset}", f"out={tmp_path}", "model.name=edgeface_xs_gamma_06", "loader.batch_size=8",
         "engine.epochs=10", "engine.progress=false", f"engine.amp={amp}", "engine.device=cuda",
-        "engine.nan_guard.inject_steps=[1, 3, 3, 3]", "engine.nan_guard.snapshot_every=1"])
+        "engine.nan_guard.inject_steps=[1, 3, 4, 5]", "engine.nan_guard.snapshot_every=1"])
     result = train_recognizer(cfg)
     assert result.nan_events["loss"] == 4 and result.rollbacks == 1
     ckpt = load_checkpoint(str(tmp_path / "last.pt"))

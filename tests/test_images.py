@@ -219,7 +219,7 @@ def test_one_registry_and_tag_setting_reaches_every_task_and_the_training_job(tm
     """`cluster.image_registry/image_tag` (what `make images push REGISTRY= TAG=` built) is on every task,
     and the multi-node job started inside a GPU step runs the same trainer image."""
     from faceops.run import compile_pipeline
-    from faceops.train.launch import JobConfig, pytorchjob_manifest
+    from faceops.train.cluster_job import JobConfig, pytorchjob_manifest
 
     cluster = yaml.safe_load((REPO / "configs" / "cluster_gpu.yaml").read_text())
     cluster["cluster"].update(image_registry="registry.example.com/ml", image_tag="0.9.1")

@@ -18,20 +18,11 @@ import yaml
 
 from faceops.config import ConfigError
 from faceops.images import image
-from faceops.train import launch
-from faceops.train.launch import (
-    JobConfig,
-    JobTimeoutError,
-    LaunchError,
-    PyTorchJobs,
-    job_config_from_yaml,
-    launch_training,
-    pytorchjob_manifest,
-    run_pytorchjob,
-    torchrun_command,
-    train_argv,
-    wait_for_job,
-)
+from faceops.train import cluster_job, pytorchjob_api, torchrun
+from faceops.train.cluster_job import JobConfig, job_config_from_yaml, pytorchjob_manifest, run_pytorchjob
+from faceops.train.launch import launch_training
+from faceops.train.pytorchjob_api import JobTimeoutError, PyTorchJobs, wait_for_job
+from faceops.train.torchrun import LaunchError, torchrun_command, train_argv
 
 KUBE_VERSION = "1.32"  # as tests/test_chart.py; kubernetes-validate ships it offline
 CONFIG_YAML = "recognizer:\n  model:\n    name: edgeface_xxs\n  engine:\n    epochs: 1\n"
@@ -76,8 +67,8 @@ def test_manifest_shape_and_pod_schema():
         assert c["command"][:2] == ["sh", "-c"] and "exec torchrun" in c["command"][2]
         assert c["args"][:5] == ["--nnodes=3", "--nproc_per_node=4", "--node_rank=$(RANK)",
                                  "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)"]
-        assert c["args"][5:] == ["-m", "faceops.train.launch", "train", "recognizer", "--config",
-                                 launch.CONFIG_PATH, "--set", S3_SETS[0], "--set", S3_SETS[1]]
+        assert c["args"][5:] == ["-m", "faceops", "train", "recognizer", "--config",
+                                 cluster_job.CONFIG_PATH, "--set", S3_SETS[0], "--set", S3_SETS[1]]
         assert c["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"nvidia.com/gpu": 4}}
         assert c["envFrom"] == [{"secretRef": {"name": "faceops-s3"}}]
         env = {e["name"]: e for e in c["env"]}
@@ -142,15 +133,15 @@ def test_pod_command_through_a_real_shell(tmp_path):
     fake_torchrun.write_text(f"#!{sys.executable}\nimport json, sys\n"
                              f"print(json.dumps(sys.argv[1:]))\n")
     fake_torchrun.chmod(fake_torchrun.stat().st_mode | stat.S_IXUSR)
-    script = c["command"][2].replace(launch.CONFIG_DIR, str(tmp_path / "cfg"))
+    script = c["command"][2].replace(cluster_job.CONFIG_DIR, str(tmp_path / "cfg"))
     argv = [kubelet_expand(a, env) for a in [*c["command"][:2], script, *c["command"][3:], *c["args"]]]
     out = subprocess.run(argv, env={**env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, capture_output=True,
                          text=True, check=True).stdout
     got = json.loads(out)
     assert got[:5] == ["--nnodes=2", "--nproc_per_node=2", "--node_rank=1",
                        "--master_addr=faceops-recognizer-run-42-master-0", "--master_port=23456"]
-    assert got[5:] == ["-m", "faceops.train.launch",
-                       *train_argv("recognizer", launch.CONFIG_PATH, tricky, resume=False)]
+    assert got[5:] == ["-m", "faceops",
+                       *train_argv("recognizer", cluster_job.CONFIG_PATH, tricky, resume=False)]
     assert (tmp_path / "cfg" / "config.yaml").read_text() == config_text
 
 
@@ -215,7 +206,7 @@ class Recorded:
 def test_wait_succeeds_through_a_restart(caplog):
     rec = Recorded([{}, None, STATUS_CREATED, STATUS_RUNNING, STATUS_RUNNING, STATUS_RESTARTING,
                     STATUS_RUNNING, STATUS_SUCCEEDED])
-    with caplog.at_level("INFO", logger="faceops.train.launch"):
+    with caplog.at_level("INFO", logger=pytorchjob_api.__name__):
         out = wait_for_job(rec.status, timeout_s=3600, poll_s=30, sleep=rec.sleep, name="j", namespace="ml",
                            clock=rec.clock)
     assert out.state == "Succeeded" and out.reason == "PyTorchJobSucceeded" and out.seconds == 7 * 30
@@ -355,7 +346,7 @@ def test_kube_client_without_cluster_access(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     with pytest.raises(LaunchError, match="no Kubernetes access"):
-        launch.kube_client()
+        pytorchjob_api.kube_client()
     kubeconfig = {"apiVersion": "v1", "kind": "Config", "current-context": "c",
                   "clusters": [{"name": "k", "cluster": {"server": "https://127.0.0.1:6443"}}],
                   "users": [{"name": "u", "user": {"token": "t"}}],
@@ -363,7 +354,7 @@ def test_kube_client_without_cluster_access(tmp_path, monkeypatch):
                                 "context": {"cluster": "k", "user": "u", "namespace": "ml-team"}}]}
     (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
-    _, namespace = launch.kube_client()
+    _, namespace = pytorchjob_api.kube_client()
     assert namespace == "ml-team"
 
 
@@ -374,11 +365,11 @@ def test_torchrun_command():
                     "--resume"]
     assert torchrun_command(argv, 4, python="/venv/bin/python") == [
         "/venv/bin/python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-        "-m", "faceops.train.launch", *argv]
+        "-m", "faceops", *argv]
 
 
 def test_entry_module_is_the_faceops_cli():
-    out = subprocess.run([sys.executable, "-m", launch.ENTRY_MODULE, "train", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", torchrun.ENTRY_MODULE, "train", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "recognizer" in out and "finetune" in out
 

@@ -488,7 +488,7 @@ def test_ddp_nan_losses_of_every_rank_reach_prometheus(prom_stack, tiny_dataset,
             f"engine.metrics.pushgateway={prom_stack.pushgateway}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "faceops.train.launch", "train", "recognizer", "--data", tiny_dataset, "--out", str(out),
+           "-m", "faceops", "train", "recognizer", "--data", tiny_dataset, "--out", str(out),
            *[a for s in sets for a in ("--set", s)]]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

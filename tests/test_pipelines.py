@@ -136,7 +136,7 @@ def test_failing_step_is_named_with_its_log(tmp_path, capsys):
 
 
 def test_run_help_explains():
-    r = subprocess.run([sys.executable, "-m", "faceops.train.launch", "run", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "faceops", "run", "--help"], capture_output=True, text=True)
     assert "synthetic" in r.stdout and "--data" in r.stdout
 
 
@@ -158,7 +158,7 @@ def test_sigkilled_faceops_run_resumes_to_the_same_weights(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
     def cmd(out: Path) -> list[str]:
-        return [sys.executable, "-m", "faceops.train.launch", "run", "arcface_resnet34", "--config", str(cfg_file),
+        return [sys.executable, "-m", "faceops", "run", "arcface_resnet34", "--config", str(cfg_file),
                 "--out", str(out)]
 
     def recognizer(out: Path) -> Path:

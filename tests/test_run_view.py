@@ -233,7 +233,7 @@ def test_verbose_before_or_after_run(argv):
 
 def _faceops(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "faceops.train.launch", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "faceops", *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
 
 

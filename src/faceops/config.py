@@ -35,7 +35,7 @@ SECTIONS: dict[str, str] = {
     "finetune": "faceops.train.finetune:FinetuneConfig",
     "evaluate": "faceops.evaluate.runner:EvalConfig",
     "export": "faceops.export.config:ExportConfig",
-    "launch": "faceops.train.launch:JobConfig",
+    "launch": "faceops.train.cluster_job:JobConfig",
     "cluster": "faceops.pipelines.platform:ClusterConfig",
 }
 
@@ -171,10 +171,12 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>", pref
     return obj
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` laid onto ``base``, recursively, as a new mapping (neither input changes): a partial
+    nested section changes only the keys it names and keeps the rest of ``base``."""
     out = dict(base)
     for k, v in override.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -186,7 +188,7 @@ def _over_default(f: dataclasses.Field, value: Any) -> Any:
     default = f.default_factory()
     if not dataclasses.is_dataclass(default):
         return value
-    return _deep_merge(to_dict(default), value)
+    return deep_merge(to_dict(default), value)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -212,10 +214,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not all(path):
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, KEY the dotted path of a key as in the "
                           "config file, e.g. --set recognizer.engine.epochs=3")
-    try:
-        return path, yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise _yaml_error(exc, f"--set {item!r}: value") from None
+    return path, load_yaml(raw, f"--set {item!r}: value")
 
 
 def _in_section(source: str, section: str | None) -> str:
@@ -287,12 +286,18 @@ def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
     return ConfigError(f"{where}: not valid YAML: {problem}")
 
 
-def parse_yaml(text: str, source: str = "<config>") -> dict[str, Any]:
-    """YAML text of a config -> its top-level mapping (syntax errors give the line)."""
+def load_yaml(text: str, source: str = "<config>") -> Any:
+    """The value of YAML ``text``: the one YAML reader of faceops, so every config file, config text
+    and ``--set`` value refuses a repeated key and reports a syntax error with its line."""
     try:
-        data = yaml.load(text, Loader=_Loader) or {}
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise _yaml_error(exc, source) from None
+
+
+def parse_yaml(text: str, source: str = "<config>") -> dict[str, Any]:
+    """YAML text of a config -> its top-level mapping (syntax errors give the line)."""
+    data = load_yaml(text, source) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {data!r}")
     return data

@@ -90,8 +90,9 @@ def train_stage(task: str, dataset_uri: str, out_uri: str, config_yaml: str = ""
     """Train ``task`` (recognizer | dsr | finetune); in-process, torchrun, or a PyTorchJob. ``stage``
     names the log (default: the task's own stage)."""
     from faceops.train.launch import launch_training
+    from faceops.train.registry import get_task
 
-    stage = stage or {"recognizer": "train_recognizer", "dsr": "train_dsr", "finetune": "finetune_edgeface"}[task]
+    stage = stage or get_task(task).stage
     with stage_log(log_dir, stage):
         sets = [f"data={dataset_uri}", f"out={out_uri}", *(extra or [])]
         rc = launch_training(task, config_yaml, sets, gpus_per_node=gpus_per_node, nodes=nodes, resume=resume)
@@ -137,10 +138,10 @@ def export_stage(model_uri: str, repo_uri: str, config_yaml: str = "", dsr_uris:
 
 
 def deploy_stage(repo_uri: str, dataset_uri: str = "", triton_url: str = "", log_dir: str = "") -> dict:
-    """``triton_url`` defaults to ``FACEOPS_TRITON_URL`` (the chart's ConfigMap on a cluster)."""
-    """Cluster: check the served models on ``triton_url`` (Triton polls the repository in MinIO).
-    Local: start the bundled Triton on the repository, check every model is READY and that
-    embeddings over gRPC match the repository's ONNX model, then stop it."""
+    """Cluster: check the served models on ``triton_url`` (Triton polls the repository in MinIO;
+    default ``FACEOPS_TRITON_URL``, the chart's ConfigMap). Local: start the bundled Triton on the
+    repository, check every model is READY and that embeddings over gRPC match the repository's ONNX
+    model, then stop it."""
     from faceops.serve.deploy import smoke_test
 
     with stage_log(log_dir, "deploy"):

@@ -1,4 +1,4 @@
-"""``faceops train recognizer|dsr|finetune``: one command group, one engine."""
+"""``faceops train TASK`` (the tasks of :mod:`faceops.train.registry`): one command group, one engine."""
 
 from __future__ import annotations
 
@@ -9,17 +9,7 @@ import os
 from faceops import config
 from faceops.cli._common import add_config_args
 from faceops.storage import split_uri
-
-TASKS = {
-    "recognizer": ("faceops.train.recognizer", "RecognizerTrainConfig", "train_recognizer", "recognizer",
-                   "ArcFace/CosFace training of a backbone (EdgeFace family, ResNet-34)"),
-    "dsr": ("faceops.train.dsr", "DSRTrainConfig", "train_dsr", "dsr",
-            "DSR super-resolution VLR->HR with identity losses from a frozen recognizer"),
-    "finetune": ("faceops.train.finetune", "FinetuneConfig", "finetune_edgeface", "finetune",
-                 "two-stage fine-tuning of the recognizer on DSR outputs"),
-}
-SET_EXAMPLES = {"recognizer": "recognizer.engine.epochs=3", "dsr": "dsr.engine.epochs=3",
-                "finetune": "finetune.stage2_epochs=3"}  # shown in --help (tests/test_cli.py loads them)
+from faceops.train.registry import TASKS, get_task
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,9 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Every task runs on the same engine: NaN guard, AMP (CUDA), checkpoints "
                        "with exact --resume, early stopping, progress, Prometheus metrics, DDP via torchrun.")
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
-    for name, (_, _, _, section, help_) in TASKS.items():
-        t = tasks.add_parser(name, help=help_, description=f"{help_}. Config section: '{section}:'.")
-        add_config_args(t, section, SET_EXAMPLES[name])
+    for task in map(get_task, TASKS.names()):
+        t = tasks.add_parser(task.name, help=task.help, description=f"{task.help}. Config section: '{task.section}:'.")
+        add_config_args(t, task.section, task.set_example)
         t.add_argument("--data", metavar="URI", help="dataset URI (<store>/datasets/<name>)")
         t.add_argument("--out", metavar="URI", help="run output URI: checkpoints last.pt / best.pt")
         t.add_argument("--resume", action="store_true", help="continue from <out>/last.pt exactly")
@@ -37,17 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import importlib
-
-    module_name, cfg_name, fn_name, section, _ = TASKS[args.task]
-    module = importlib.import_module(module_name)
+    task = get_task(args.task)
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data={args.data}")
     if args.out:
         overrides.append(f"out={args.out}")
-    cfg = config.load(getattr(module, cfg_name), args.config, overrides, section=section)
-    result = getattr(module, fn_name)(cfg, resume=args.resume)
+    cfg = config.load(task.config_cls, args.config, overrides, section=task.section)
+    result = task.train(cfg, resume=args.resume)
     summary = {"task": args.task, "model": result.best_checkpoint or result.checkpoint,
                "checkpoint": result.checkpoint, "best_checkpoint": result.best_checkpoint,
                "steps": result.steps, "epochs": result.epochs, "best": result.best,

@@ -11,7 +11,6 @@ assumed to take ingest's defaults, with a warning.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +19,10 @@ import torch
 from torch import nn
 
 from faceops.data.tensors import to_uint8
+from faceops.devices import resolve_device
 from faceops.errors import FaceopsError
-from faceops.models.contract import InputContract, from_checkpoint, onnx_contract
+from faceops.models.contract import InputContract, from_checkpoint, onnx_contract, vlr_size_of
+from faceops.models.embed import Forward, embed_faces, module_forward
 
 log = logging.getLogger(__name__)
 
@@ -29,32 +30,19 @@ ONNX_INPUT = "input"
 ONNX_EMBEDDING = "embedding"
 ONNX_SR_OUTPUT = "output"
 
-#: a batch function: float32 NCHW in [-1, 1] -> float32 array (embeddings or SR images NCHW)
-Forward = Callable[[np.ndarray], np.ndarray]
+DEVICE_SETTING = "evaluate.device"
 
 
 class ModelError(FaceopsError):
     """A model file cannot be loaded or is not the kind of model asked for."""
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 # -- backends ------------------------------------------------------------------------------------
 def torch_forward(module: nn.Module, device: str = "auto") -> Forward:
-    dev = resolve_device(device)
-    module = module.to(dev).eval()
-
-    @torch.inference_mode()
-    def run(x: np.ndarray) -> np.ndarray:
-        # full fp32 convolutions (no TF32 on GPUs): figures must match the ONNX export within 1e-4
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            return module(torch.from_numpy(x).to(dev)).float().cpu().numpy()
-
-    return run
+    """``module`` in eval mode on ``device`` (``evaluate.device``), full fp32: figures must match the
+    ONNX export within 1e-4. Also the forward of a DSR model (SR images NCHW out)."""
+    dev = resolve_device(device, DEVICE_SETTING)
+    return module_forward(module.to(dev).eval(), dev)
 
 
 def _onnx_bytes(uri: str) -> bytes:
@@ -110,7 +98,8 @@ def _load_checkpoint(uri: str, kind: str) -> tuple[nn.Module, dict]:
 # -- embedder ------------------------------------------------------------------------------------
 @dataclass
 class Embedder:
-    """uint8 faces [N, H, W, 3] -> L2-normalised float32 embeddings [N, D], batched.
+    """uint8 faces [N, H, W, 3] -> L2-normalised float32 embeddings [N, D], batched
+    (:func:`~faceops.models.embed.embed_faces`).
 
     With ``flip`` the embedding is the sum of the image's and its mirror's raw embeddings, then
     L2-normalised (insightface's flip test: a confident view weighs more than a doubtful one).
@@ -125,23 +114,8 @@ class Embedder:
     input_contract: InputContract = InputContract()  # what inputs are prepared by (see faceops.models.contract)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        if len(images) == 0:
-            raise ValueError("no images to embed")
-        out = [self._batch(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
-        return np.concatenate(out)
-
-    def _batch(self, images: np.ndarray) -> np.ndarray:
-        x = self.input_contract.to_input(images)
-        emb = self.forward(x).astype(np.float64)
-        if self.flip:
-            emb = emb + self.forward(np.ascontiguousarray(x[..., ::-1])).astype(np.float64)
-        if not np.isfinite(emb).all():
-            raise ModelError(f"{self.name} produced NaN/Inf embeddings (a diverged checkpoint?)")
-        return _normalise(emb).astype(np.float32)
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return embed_faces(self.forward, images, self.input_contract, batch_size=self.batch_size, flip=self.flip,
+                           normalise=True, model=self.name)
 
 
 def load_embedder(uri: str, batch_size: int = 64, flip: bool = False, device: str = "auto") -> Embedder:
@@ -206,8 +180,8 @@ def load_super_resolver(uri: str, batch_size: int = 64, device: str = "auto") ->
                                    session_contract(session, uri))
     else:
         module, meta = _load_checkpoint(uri, "dsr")
-        size = meta.get("vlr_size") or (meta.get("model_config") or {}).get("vlr_size")
-        if not size:
+        size = vlr_size_of(meta)
+        if size is None:
             raise ModelError(f"{uri}: DSR checkpoint does not record its vlr_size")
         forward, contract = torch_forward(module, device), from_checkpoint(meta, uri)
     if contract is not None and contract.vlr_size != str(size):

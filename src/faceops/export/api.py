@@ -53,6 +53,7 @@ from faceops.models.contract import (
     explicit_fields,
     from_checkpoint,
     shared_preparation,
+    vlr_size_of,
     write_onnx_contract,
 )
 from faceops.storage import open_store
@@ -256,11 +257,11 @@ def export_model(model_uri: str, repo_uri: str, formats: tuple[str, ...] | list[
     dsr_contracts: dict[str, InputContract | None] = {}
     for uri in [dsr_uri] if isinstance(dsr_uri, str) else list(dsr_uri or []):
         module, dmeta = load_model(uri)
-        size = dmeta.get("vlr_size") or (dmeta.get("model_config") or {}).get("vlr_size")
-        if dmeta.get("kind") != "dsr" or not size:
+        size = vlr_size_of(dmeta)
+        if dmeta.get("kind") != "dsr" or size is None:
             raise FaceopsError(f"{uri} is not a DSR checkpoint with a vlr_size (kind {dmeta.get('kind')!r})")
-        dsrs[str(size)] = module
-        dsr_contracts[str(size)] = from_checkpoint(dmeta, uri)
+        dsrs[size] = module
+        dsr_contracts[size] = from_checkpoint(dmeta, uri)
     contract = from_checkpoint(meta, model_uri)
     if calib_dataset:
         contract = _calibration_agrees(calib_dataset, model_uri, contract)

@@ -18,6 +18,7 @@ from faceops.errors import FaceopsError
 from faceops.export.config import ExportConfig
 from faceops.export.onnx_export import ort_session, run_onnx
 from faceops.models.contract import InputContract, onnx_file_contract, write_onnx_contract
+from faceops.models.embed import embed_faces
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,8 @@ def best_threshold(scores: np.ndarray, same: np.ndarray) -> tuple[float, float]:
 
 def embed_onnx(path: str | Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
     """Embeddings of uint8 faces, normalised as the file's input contract says."""
-    sess, contract = ort_session(path), onnx_file_contract(path) or InputContract()
-    return np.concatenate([run_onnx(sess, contract.to_input(images[i:i + batch]))
-                           for i in range(0, len(images), batch)])
+    sess = ort_session(path)
+    return embed_faces(lambda x: run_onnx(sess, x), images, onnx_file_contract(path), batch_size=batch)
 
 
 def int8_accuracy_change(fp32_path: str | Path, int8_path: str | Path, images: np.ndarray,

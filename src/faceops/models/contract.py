@@ -214,6 +214,14 @@ def from_checkpoint(meta: Mapping[str, Any], source: str) -> InputContract | Non
     return None if data is None else InputContract.from_dict(data, source)
 
 
+def vlr_size_of(meta: Mapping[str, Any]) -> str | None:
+    """The VLR size (``"WxH"``) a checkpoint's model takes, from its metadata (``load_model``): the
+    top-level ``vlr_size`` a training task records, else its ``model_config``'s; None when neither
+    has one (a model that takes HR faces, or a DSR checkpoint saved without it)."""
+    size = meta.get("vlr_size") or (meta.get("model_config") or {}).get("vlr_size")
+    return str(size) if size else None
+
+
 def dataset_contract(dataset_uri: str, vlr_size: str | None = None) -> InputContract:
     """What a model trained on ``dataset_uri`` takes (read from its manifest)."""
     from faceops.data.manifest import load_manifest
@@ -358,5 +366,5 @@ __all__ = [
     "CHECKPOINT_KEY", "ContractConflictError", "ContractError", "InputContract", "assume", "check_agrees",
     "checkpoint_entry", "dataset_contract", "explicit_fields", "from_checkpoint", "onnx_contract",
     "onnx_file_contract", "resolve", "set_triton_parameters", "shared_preparation", "shown", "triton_contract",
-    "write_onnx_contract",
+    "vlr_size_of", "write_onnx_contract",
 ]

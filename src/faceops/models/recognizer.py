@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,19 +55,6 @@ class RecognizerConfig:
               f"recognizer.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
 
-class Trunk(Protocol):
-    """What a registered backbone builder returns."""
-
-    feature_dim: int  # size of the pooled feature the embedding head takes
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...  # [N,3,112,112] -> [N, feature_dim]
-
-    def forward_stages(self, x: torch.Tensor, num_stages: int | None = None) -> list[torch.Tensor]: ...
-
-    # optional: adapt_head(head: nn.Module) -> None, changes the new embedding head in place
-    # optional: remap_state_dict(state_dict) -> state_dict, third-party checkpoint names -> ours
-
-
 class StagedTrunk(nn.Module):
     """A trunk built as ``stem`` then ``stages`` (a sequence): the per-stage feature maps that the DSR
     perceptual and feature-matching losses compare come from here."""
@@ -84,6 +71,8 @@ class StagedTrunk(nn.Module):
         return out
 
 
+# A builder returns a trunk: [N, 3, 112, 112] -> [N, feature_dim] pooled features, with ``feature_dim`` and
+# ``forward_stages`` (see StagedTrunk), optionally ``adapt_head`` and ``remap_state_dict``.
 BACKBONES: Registry[Callable[[RecognizerConfig], nn.Module]] = Registry("backbone")
 register_backbone = BACKBONES.register
 

@@ -4,13 +4,12 @@ from faceops.serve.client import (
     ClientError,
     FaceClient,
     InvalidInputError,
-    Match,
     ModelNotFoundError,
     RequestTimeoutError,
     ServerUnavailableError,
     VerifyResult,
 )
-from faceops.serve.gallery import Gallery, build_gallery, threshold_from_metrics
+from faceops.serve.gallery import Gallery, Match, build_gallery, threshold_from_metrics
 from faceops.serve.local import LocalServeConfig, LocalTriton, ServerError, materialise
 
 __all__ = [

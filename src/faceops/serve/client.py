@@ -12,11 +12,10 @@ that name the URL, model and what was sent.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -25,8 +24,12 @@ from faceops.data.degrade import degrade
 from faceops.data.prepare import PrepareConfig, prepare_face
 from faceops.errors import FaceopsError
 from faceops.models.contract import InputContract, assume, explicit_fields, resolve, triton_contract
+from faceops.models.embed import embed_faces
+from faceops.retry import Backoff, retry_call
+from faceops.serve.gallery import Gallery, Match
 
 ImageLike = str | Path | Image.Image | np.ndarray
+T = TypeVar("T")
 
 RECOGNIZER = "recognizer"
 VLR_MODEL = "vlr_face"
@@ -59,13 +62,6 @@ class VerifyResult:
     threshold: float
 
 
-@dataclass(frozen=True)
-class Match:
-    identity: str
-    score: float  # best cosine of the query against this identity's gallery images
-    image_id: str  # the gallery image that gave the best score
-
-
 class FaceClient:
     """Embeds, verifies and identifies faces against a Triton server (local or cluster).
 
@@ -81,6 +77,8 @@ class FaceClient:
                  recognizer: str = RECOGNIZER, vlr_model: str = VLR_MODEL):
         if protocol not in ("grpc", "http"):
             raise ClientError(f"protocol {protocol!r} is not one of grpc, http")
+        if retries < 0 or retry_backoff_s < 0:
+            raise ClientError(f"retries ({retries}) and retry_backoff_s ({retry_backoff_s}) must be >= 0")
         self.url, self.protocol, self.timeout = url, protocol, timeout
         self.retries, self.retry_backoff_s, self.batch_size = retries, retry_backoff_s, batch_size
         self.stated = explicit_fields(prepare)
@@ -105,25 +103,27 @@ class FaceClient:
             self._local.client = client
         return client
 
-    def _call(self, what: str, model: str | None, fn):
+    def _call(self, what: str, model: str | None, fn: Callable[[], T]) -> T:
         """Run ``fn`` with retries on UNAVAILABLE; translate failures into ClientError subclasses."""
         from tritonclient.utils import InferenceServerException
 
-        for attempt in range(self.retries + 1):
+        def attempt() -> T:
             try:
                 return fn()
             except InferenceServerException as exc:
-                error = self._translate(exc, what, model)
+                raise self._translate(exc, what, model) from None
             except OSError as exc:  # HTTP transport: connection refused / reset
-                error = ServerUnavailableError(f"Triton server at {self.url} ({self.protocol}) is "
-                                               f"unreachable for {what}: {exc}")
-            if not isinstance(error, ServerUnavailableError) or attempt == self.retries:
-                break
-            time.sleep(self.retry_backoff_s * (2 ** attempt))
-        if isinstance(error, ServerUnavailableError):
-            raise ServerUnavailableError(f"{error} (after {self.retries + 1} attempts; is the server "
-                                         f"running? start one with 'faceops serve')") from None
-        raise error from None
+                raise ServerUnavailableError(f"Triton server at {self.url} ({self.protocol}) is "
+                                             f"unreachable for {what}: {exc}") from None
+
+        def give_up(error: Exception, attempts: int) -> None:
+            if isinstance(error, ServerUnavailableError):
+                raise ServerUnavailableError(f"{error} (after {attempts} attempts; is the server "
+                                             f"running? start one with 'faceops serve')") from None
+
+        backoff = Backoff(self.retries + 1, self.retry_backoff_s)
+        return retry_call(attempt, backoff, retry_on=lambda error: isinstance(error, ServerUnavailableError),
+                          give_up=give_up)
 
     def _translate(self, exc, what: str, model: str | None) -> ClientError:
         status, message = str(exc.status() or ""), str(exc.message() or exc)
@@ -252,9 +252,7 @@ class FaceClient:
         return out
 
     def _embed_batches(self, model: str, faces: np.ndarray) -> np.ndarray:
-        contract = self.contract(model)
-        return np.concatenate([self.infer(model, contract.to_input(faces[i:i + self.batch_size]))
-                               for i in range(0, len(faces), self.batch_size)])
+        return embed_faces(lambda x: self.infer(model, x), faces, self.contract(model), batch_size=self.batch_size)
 
     def _prepare(self, img: Image.Image, vlr: bool | None, prepared: bool = False) -> tuple[np.ndarray, bool]:
         w, h = img.size
@@ -284,11 +282,10 @@ class FaceClient:
         score = float(np.dot(ea, eb))
         return VerifyResult(score, score >= threshold, float(threshold))
 
-    def identify(self, image: ImageLike, gallery, top_k: int = 5, vlr: bool | None = None) -> list[Match]:
+    def identify(self, image: ImageLike, gallery: Gallery | str, top_k: int = 5,
+                 vlr: bool | None = None) -> list[Match]:
         """Top-``top_k`` gallery identities for ``image`` (a :class:`~faceops.serve.gallery.Gallery`
         or its URI)."""
-        from faceops.serve.gallery import Gallery
-
         if not isinstance(gallery, Gallery):
             gallery = Gallery.load(str(gallery))
         gallery.check_contract(self.contract(), f"Triton model '{self.recognizer}' at {self.url}")

@@ -14,11 +14,12 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from faceops.data.tensors import to_input_numpy
 from faceops.errors import FaceopsError
 from faceops.export.config import ExportConfig
 from faceops.export.onnx_export import run_onnx
 from faceops.export.triton_repo import accelerator_precision, served_versions, validate_repository
+from faceops.models.embed import embed_faces
+from faceops.retry import poll
 from faceops.serve.client import RECOGNIZER, FaceClient
 from faceops.storage import open_store
 
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 SERVE_TOLERANCE = 1e-4  # max |gRPC - in-process ORT| on the embeddings, FP32 serving
 # Served through ORT's TensorRT accelerator in reduced precision: the export parity gate's slack
 REDUCED_PRECISION_TOLERANCE = ExportConfig().trt_parity_max_abs
+SERVER_POLL_S = 1.0  # how often the check asks whether the server answers
+MODEL_POLL_S = 2.0  # ... and whether it serves the newest versions (Triton polls its repository slowly)
 
 
 def _sample_faces(dataset_uri: str | None, n: int) -> np.ndarray:
@@ -44,26 +47,25 @@ def check_server(url: str, repo_uri: str, faces: np.ndarray, timeout_s: float = 
     models = sorted(configs)
     client = FaceClient(url, timeout=30.0)
     deadline = time.monotonic() + timeout_s
-    while not client.ready():
-        if time.monotonic() > deadline:
-            raise FaceopsError(f"Triton at {url} is not ready after {timeout_s:.0f} s")
-        time.sleep(1.0)
+    if not poll(client.ready, timeout_s=timeout_s, interval_s=SERVER_POLL_S):
+        raise FaceopsError(f"Triton at {url} is not ready after {timeout_s:.0f} s")
     grpc = client._client()
     # Triton picks a new version up at its next repository poll (plus a TensorRT build): wait for the
     # newest published version of every model, not for whatever it served before.
     wanted = {m: str(served_versions(store, m, configs[m])[-1]) for m in models}
-    while not_ready := [f"{m} v{v}" for m, v in wanted.items() if not grpc.is_model_ready(m, v)]:
-        if time.monotonic() > deadline:  # the server keeps serving the others (--exit-on-error=false)
-            raise FaceopsError(f"Triton at {url} does not serve {not_ready} from {repo_uri} after "
-                               f"{timeout_s:.0f} s (check the server's model-control mode and its log)")
-        time.sleep(2.0)
-    t0 = time.perf_counter()
-    served = client.infer(RECOGNIZER, to_input_numpy(faces))
-    latency_ms = (time.perf_counter() - t0) * 1e3
+    not_ready = poll(lambda: [f"{m} v{v}" for m, v in wanted.items() if not grpc.is_model_ready(m, v)],
+                     lambda left: not left, timeout_s=deadline - time.monotonic(), interval_s=MODEL_POLL_S)
+    if not_ready:  # the server keeps serving the others (--exit-on-error=false)
+        raise FaceopsError(f"Triton at {url} does not serve {not_ready} from {repo_uri} after "
+                           f"{timeout_s:.0f} s (check the server's model-control mode and its log)")
     latest = int(wanted[RECOGNIZER])
     session = ort.InferenceSession(store.get_bytes(f"{RECOGNIZER}/{latest}/model.onnx"),
                                    providers=["CPUExecutionProvider"])
-    reference = run_onnx(session, to_input_numpy(faces))
+    # one request for the whole batch (its latency is reported); the same inputs both ways
+    t0 = time.perf_counter()
+    served = embed_faces(lambda x: client.infer(RECOGNIZER, x), faces, batch_size=len(faces))
+    latency_ms = (time.perf_counter() - t0) * 1e3
+    reference = embed_faces(lambda x: run_onnx(session, x), faces, batch_size=len(faces))
     diff = float(np.abs(served - reference).max())
     precision = accelerator_precision(configs[RECOGNIZER]) or "FP32"
     tolerance = SERVE_TOLERANCE if precision == "FP32" else REDUCED_PRECISION_TOLERANCE

@@ -11,6 +11,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -33,6 +34,15 @@ def object_of(uri: str):
     return split_uri(uri)
 
 
+@dataclass(frozen=True)
+class Match:
+    """One identity found by :meth:`Gallery.search` (and ``FaceClient.identify``)."""
+
+    identity: str
+    score: float  # best cosine of the query against this identity's gallery images
+    image_id: str  # the gallery image that gave the best score
+
+
 @dataclass
 class Gallery:
     embeddings: np.ndarray  # float32 [N, D], L2-normalised
@@ -52,10 +62,8 @@ class Gallery:
                 f"the gallery was built from faces with {name} = {shown(enrolled)}, but {model} takes {name} = "
                 f"{shown(query)}: rebuild it with 'faceops gallery build' against this server")
 
-    def search(self, query: np.ndarray, top_k: int = 5):
+    def search(self, query: np.ndarray, top_k: int = 5) -> list[Match]:
         """Identities ranked by their best cosine to ``query`` (one embedding)."""
-        from faceops.serve.client import Match
-
         if len(self.embeddings) == 0:
             raise FaceopsError("the gallery is empty: build it with "
                                "'faceops gallery build DATASET --out URI'")
@@ -92,7 +100,19 @@ class Gallery:
                                f"image_ids): {exc}") from None
 
 
-def build_gallery(client, dataset_uri: str, split: str = "test", vlr: bool | None = None) -> Gallery:
+class EmbeddingServer(Protocol):
+    """What a gallery needs of a client (``FaceClient``): the served recognizer's contract and embeddings."""
+
+    url: str
+    recognizer: str
+
+    def contract(self) -> InputContract: ...
+
+    def embed(self, images: np.ndarray, vlr: bool | None = None, prepared: bool = False) -> np.ndarray: ...
+
+
+def build_gallery(client: EmbeddingServer, dataset_uri: str, split: str = "test",
+                  vlr: bool | None = None) -> Gallery:
     """Embed every HR image of ``split`` through ``client`` (the served model). The dataset's faces
     were prepared at ingest: they are sent as they are, and must be what the served model takes."""
     from faceops.data.reader import load_split

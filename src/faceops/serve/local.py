@@ -22,7 +22,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from faceops.errors import FaceopsError
 from faceops.export.triton_repo import CONFIG, MODEL_FILES, ModelConfigError, parse_config, served_versions, to_text
+from faceops.retry import poll
 from faceops.storage import IntegrityError, LocalStore, NotFoundError, ObjectStore, open_store
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 #: tritonserver flags that keep the healthy models serving when one fails to load (the default exits),
 #: and make /v2/health/ready mean "the server answers"; the chart's Triton passes the same
 RESILIENCE_FLAGS = ("--exit-on-error=false", "--strict-readiness=false")
+POLL_INTERVAL_S = 0.25  # how often startup asks the server whether it (and every model) is ready
 
 
 class ServerError(FaceopsError):
@@ -247,31 +248,26 @@ class LocalTriton:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.cfg.startup_timeout_s
-        url = f"http://{self.http_url}/v2/health/ready"
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self._proc.returncode} while loading "
-                                  f"{self.repo_uri}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        raise ServerError(f"tritonserver not ready after {self.cfg.startup_timeout_s:.0f} s serving "
-                          f"{self.repo_uri}:\n{self.log_tail()}")
+        if not poll(self._answers, timeout_s=self.cfg.startup_timeout_s, interval_s=POLL_INTERVAL_S):
+            raise ServerError(f"tritonserver not ready after {self.cfg.startup_timeout_s:.0f} s serving "
+                              f"{self.repo_uri}:\n{self.log_tail()}")
+
+    def _answers(self) -> bool:
+        """``/v2/health/ready`` is 200; a server process that exited is an error, not a wait."""
+        if self._proc.poll() is not None:
+            raise ServerError(f"tritonserver exited with code {self._proc.returncode} while loading "
+                              f"{self.repo_uri}:\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
 
     def _settle(self, materialised: list[str]) -> None:
         """Wait until no model is LOADING; split them into ``models`` and ``failed_models``."""
-        deadline = time.monotonic() + self.cfg.startup_timeout_s
-        while True:
-            index = self._index()
-            states = _states(index)
-            if "LOADING" not in states.values() or time.monotonic() > deadline:
-                break
-            time.sleep(0.25)
+        index = poll(self._index, lambda entries: "LOADING" not in _states(entries).values(),
+                     timeout_s=self.cfg.startup_timeout_s, interval_s=POLL_INTERVAL_S)
+        states = _states(index)
         reasons = {e["name"]: e.get("reason", "") for e in index if e.get("state") != "READY"}
         self.models = sorted(n for n in materialised if states.get(n) == "READY")
         for name in materialised:

@@ -105,7 +105,7 @@ class ObjectStore(ABC):
             with stream:
                 return stream.read(), recorded
 
-        data, recorded = self._attempts("get", key, attempt)
+        data, recorded = self._retried("get", self.url(key), attempt)
         self._verify(key, sha256_bytes(data), sha256 or recorded)
         return data
 
@@ -125,7 +125,7 @@ class ObjectStore(ABC):
             return h.hexdigest(), recorded
 
         try:
-            actual, recorded = self._attempts("get", key, attempt)
+            actual, recorded = self._retried("get", self.url(key), attempt)
             self._verify(key, actual, sha256 or recorded)
         except BaseException:  # never leave a partial download behind
             tmp.unlink(missing_ok=True)
@@ -138,8 +138,9 @@ class ObjectStore(ABC):
         """One attempt at opening ``key``; a backend that retries overrides it with a raw open."""
         return self.open_read(key)
 
-    def _attempts(self, action: str, key: str, fn: Callable[[], T]) -> T:
-        """Run one whole read (open + body) under the backend's retry policy; local reads: once."""
+    def _retried(self, action: str, target: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (e.g. one whole read: open + body) under the backend's retry policy, failures
+        as :class:`StoreError` naming ``target``; a local store has nothing to retry: once."""
         return fn()
 
     def _verify(self, key: str, actual: str, expected: str | None) -> None:

@@ -94,7 +94,3 @@ class LocalStore(ObjectStore):
         with self._locked(p.parent, exclusive=True):
             p.unlink(missing_ok=True)
             Path(str(p) + SIDECAR).unlink(missing_ok=True)
-
-    def local_path(self, key: str) -> Path:
-        """Direct path (no copy) for readers that memory-map shards."""
-        return self.path(key)

@@ -23,9 +23,9 @@ Every object carries its sha256 as user metadata (``x-amz-meta-sha256``), verifi
 by :class:`~faceops.storage.base.ObjectStore`. Objects above 16 MiB go up as multipart uploads.
 
 Transient failures (refused or reset connections, timeouts, HTTP 5xx, ``SlowDown``) are retried by
-:class:`RetryPolicy` with exponential backoff; urllib3's own retries are switched off and its
-timeouts kept short so that a dead endpoint fails in seconds, with a message that names the
-endpoint (never the credentials). Every operation is idempotent, so retrying is safe: a PUT is
+:class:`RetryPolicy` with exponential backoff (:func:`faceops.retry.retry_call`); urllib3's own
+retries are switched off and its timeouts kept short so that a dead endpoint fails in seconds, with a
+message that names the endpoint (never the credentials). Every operation is idempotent, so retrying is safe: a PUT is
 re-sent whole (an object appears only once its complete body arrived: a cut-off PUT publishes
 nothing), and a GET that breaks mid-body is read again from the start.
 """
@@ -38,7 +38,6 @@ import io
 import logging
 import os
 import re
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO, ClassVar, TypeVar, cast
@@ -48,6 +47,7 @@ import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
+from faceops.retry import Backoff, retry_call
 from faceops.storage.base import NotFoundError, ObjectInfo, ObjectStore, StoreError, clean_key
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,14 @@ class RetryPolicy:
         if min(self.connect_timeout, self.read_timeout) <= 0:
             raise StoreError(f"invalid {self}: timeouts must be > 0")
 
+    @property
+    def backoff(self) -> Backoff:
+        """The sleeps between tries, as :func:`faceops.retry.retry_call` takes them."""
+        return Backoff(self.attempts, self.base_delay, self.max_delay)
+
     def delay(self, retry: int) -> float:
         """Seconds to sleep before retry number ``retry`` (1-based)."""
-        return min(self.max_delay, self.base_delay * 2 ** (retry - 1))
+        return self.backoff.delay(retry)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RetryPolicy:
@@ -250,21 +255,18 @@ class S3Store(ObjectStore):
             )
 
         policy = self.retry if seekable else replace(self.retry, attempts=1)  # can't rewind: no retry
-        self._call("put", self.url(key), upload, policy)
+        self._retried("put", self.url(key), upload, policy)
         return ObjectInfo(clean_key(key), size, sha256)
 
     def open_read(self, key: str) -> tuple[BinaryIO, str | None]:
         """The object as a stream (opening is retried; a failure later, mid-body, is a StoreError:
         :meth:`get_bytes` / :meth:`get_file` retry the whole read instead)."""
-        response = self._call("get", self.url(key), lambda: self._get(key))
+        response = self._retried("get", self.url(key), lambda: self._get(key))
         return cast(BinaryIO, _ObjectBody(response, self.url(key))), response.headers.get(SHA256_HEADER)
 
     def _open_once(self, key: str) -> tuple[BinaryIO, str | None]:
         response = self._get(key)
         return cast(BinaryIO, _ObjectBody(response, self.url(key), raw=True)), response.headers.get(SHA256_HEADER)
-
-    def _attempts(self, action: str, key: str, fn: Callable[[], T]) -> T:
-        return self._call(action, self.url(key), fn)
 
     def _get(self, key: str) -> urllib3.BaseHTTPResponse:
         name = self._object_name(key)
@@ -275,7 +277,7 @@ class S3Store(ObjectStore):
         name = self._object_name(key)
         self._ensure_bucket()
         try:
-            self._call("stat", self.url(key), lambda: self.client.stat_object(self.bucket, name))
+            self._retried("stat", self.url(key), lambda: self.client.stat_object(self.bucket, name))
         except NotFoundError:
             return False
         return True
@@ -290,12 +292,12 @@ class S3Store(ObjectStore):
             objects = self.client.list_objects(self.bucket, prefix=full, recursive=True)
             return [o.object_name for o in objects if not o.is_dir and o.object_name]
 
-        yield from sorted(n[len(self.prefix):] for n in self._call("list", f"{self.uri}/{prefix}", names))
+        yield from sorted(n[len(self.prefix):] for n in self._retried("list", f"{self.uri}/{prefix}", names))
 
     def delete(self, key: str) -> None:
         name = self._object_name(key)
         self._ensure_bucket()
-        self._call("delete", self.url(key), lambda: self.client.remove_object(self.bucket, name))
+        self._retried("delete", self.url(key), lambda: self.client.remove_object(self.bucket, name))
 
     # -- internals ------------------------------------------------------------------------------
     def _object_name(self, key: str) -> str:
@@ -312,11 +314,11 @@ class S3Store(ObjectStore):
             next(iter(self.client.list_objects(self.bucket, prefix=self.prefix)), None)
 
         try:
-            self._call("open", self.uri, probe)
+            self._retried("open", self.uri, probe)
         except _MissingBucket:
             if not self.create_bucket:
                 raise
-            self._call("create bucket", f"s3://{self.bucket}", self._make_bucket)
+            self._retried("create bucket", f"s3://{self.bucket}", self._make_bucket)
         self._ready_buckets.add(ident)
 
     def _bucket_ident(self) -> tuple[str, str, str]:
@@ -330,25 +332,21 @@ class S3Store(ObjectStore):
             if exc.code != "BucketAlreadyOwnedByYou":  # created concurrently: fine
                 raise
 
-    def _call(self, action: str, target: str, fn: Callable[[], T], policy: RetryPolicy | None = None) -> T:
+    def _retried(self, action: str, target: str, fn: Callable[[], T], policy: RetryPolicy | None = None) -> T:
         """Run ``fn`` under the retry policy; every failure leaves as a :class:`StoreError`."""
         policy = policy or self.retry
-        attempt = 1
-        while True:
-            try:
-                return fn()
-            except StoreError:
-                raise
-            except Exception as exc:
-                if not is_transient(exc) or attempt >= policy.attempts:
-                    raise self._translate(exc, action, target, attempt) from exc
-                pause = policy.delay(attempt)
-                log.warning(
-                    "%s %s at %s: transient %s, retry %d/%d in %.2fs", action, target,
-                    self.settings.endpoint_url, _brief(exc), attempt, policy.attempts - 1, pause,
-                )
-                time.sleep(pause)
-                attempt += 1
+
+        def log_retry(exc: Exception, retry: int, pause: float) -> None:
+            log.warning(
+                "%s %s at %s: transient %s, retry %d/%d in %.2fs", action, target,
+                self.settings.endpoint_url, _brief(exc), retry, policy.attempts - 1, pause,
+            )
+
+        def give_up(exc: Exception, attempts: int) -> None:
+            if not isinstance(exc, StoreError):
+                raise self._translate(exc, action, target, attempts) from exc
+
+        return retry_call(fn, policy.backoff, retry_on=is_transient, on_retry=log_retry, give_up=give_up)
 
     def _translate(self, exc: Exception, action: str, target: str, attempts: int) -> StoreError:
         endpoint = self.settings.endpoint_url

@@ -13,7 +13,7 @@ records (ingest's ``degrade``), so the model learns on the VLR faces evaluation 
 the stored pair instead blurred both faces, issue 11).
 
 Defaults are seed 003's 32x32 recipe (batch 14, AdamW lr 1.3e-4 with warm-up, rotation +-6 deg with
-p=0.65, colour jitter p=0.3); :func:`dsr_recipe` gives the 14x16 one.
+p=0.65, colour jitter p=0.3); :func:`dsr_recipe` reads a size's recipe from ``configs/``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from faceops.data.degrade import DegradeConfig, degrade_batch, upsample_bicubic
 from faceops.data.manifest import DatasetError, load_manifest
 from faceops.data.reader import BatchDataset, LoaderConfig, SplitData, load_split
 from faceops.data.tensors import to_input, to_uint8
+from faceops.devices import resolve_device
 from faceops.errors import FaceopsError
 from faceops.evaluate.sr_metrics import identity_cosine, psnr, ssim
 from faceops.models import DSRConfig, create_dsr, parse_size
@@ -43,9 +44,12 @@ from faceops.models.contract import (
     explicit_fields,
     shown,
 )
-from faceops.train.engine import EngineConfig, FitResult, OptimConfig, ScheduleConfig, resolve_device
-from faceops.train.losses import DSRLoss, DSRLossConfig, RecognizerStages, loss_config_for
-from faceops.train.recognizer import embed_arrays, fit_task
+from faceops.train.config import EngineConfig, OptimConfig, ScheduleConfig
+from faceops.train.engine import FitResult
+from faceops.train.fit import fit_task
+from faceops.train.losses import DSRLoss, DSRLossConfig, RecognizerStages
+from faceops.train.recipes import RECIPES, recipe
+from faceops.train.recognizer import embed_arrays
 
 log = logging.getLogger(__name__)
 
@@ -103,22 +107,14 @@ class DSRTrainConfig:
               "is the dataset's degradation (ingest.degrade.noise_std), the same at training and evaluation")
 
 
-def _augment_14x16() -> AugmentConfig:
-    # seed 003, the 14x16 values it moved from: rotation +-5 deg p=0.60, jitter p=0.25
-    # (brightness/contrast 0.95-1.05, saturation 0.97-1.03)
-    return AugmentConfig(rotate_p=0.60, rotate_deg=5.0, jitter_p=0.25, brightness=0.05, contrast=0.05,
-                         saturation=0.03, noise_std=0.0)
-
-
 def dsr_recipe(vlr_size: str = "32x32") -> DSRTrainConfig:
-    """Seed 003's recipe for ``vlr_size``: 32x32 (the defaults) or 14x16 (batch 16, lr 1.5e-4,
-    112 channels, its loss weights and milder augmentation); other sizes start from 32x32."""
-    cfg = DSRTrainConfig(vlr_size=vlr_size, losses=loss_config_for(vlr_size))
-    if vlr_size == "14x16":
-        cfg.model = replace(cfg.model, base_channels=112)
-        cfg.loader = replace(cfg.loader, batch_size=16, augment=_augment_14x16())
-        cfg.engine.optim = replace(cfg.engine.optim, lr=1.5e-4)
-    return cfg
+    """Seed 003's recipe for ``vlr_size`` from ``configs/`` (32x32: ``vlr_face.yaml``, 14x16:
+    ``vlr_14x16.yaml``); another size starts from the 32x32 recipe at that size."""
+    if vlr_size in RECIPES:
+        return recipe(DSRTrainConfig, "dsr", vlr_size)
+    base = recipe(DSRTrainConfig, "dsr", "32x32")
+    return replace(base, vlr_size=vlr_size, model=replace(base.model, vlr_size=vlr_size),
+                   loader=replace(base.loader, vlr_view=vlr_size))
 
 
 # -- the task ---------------------------------------------------------------------------------------
@@ -147,7 +143,6 @@ class DSRTask:
         self.model_name = f"dsr_{cfg.vlr_size}"
         self.recognizer = RecognizerStages(recognizer).to(device)  # frozen: outside modules()
         self.criterion = DSRLoss(cfg.losses, self.recognizer).to(device)
-        self.wrapped: dict[str, nn.Module] = {"model": self.model}
         self._baseline: dict[str, float] | None = None
         self._hr_emb: torch.Tensor | None = None
 
@@ -157,9 +152,8 @@ class DSRTask:
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"model": list(self.model.parameters())}
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        sr = self.wrapped["model"](batch["vlr"])
-        return self.criterion(sr, batch["hr"])
+    def loss(self, batch: dict[str, torch.Tensor], nets: dict[str, nn.Module]) -> tuple[torch.Tensor, dict]:
+        return self.criterion(nets["model"](batch["vlr"]), batch["hr"])
 
     def _embed(self, images: np.ndarray) -> torch.Tensor:
         return embed_arrays(self.recognizer, images, self.cfg.eval_batch_size, self.device)
@@ -287,7 +281,7 @@ def train_dsr(cfg: DSRTrainConfig, resume: bool = False) -> FitResult:
     manifest = load_manifest(cfg.data)
     train, val = _view_splits(cfg, manifest)
     train_set = training_batches(cfg, train, manifest)  # before the recognizer: a degradation error is early
-    device = resolve_device(cfg.engine.device)
+    device = resolve_device(cfg.engine.device, "engine.device")
     recognizer = load_frozen_recognizer(cfg.recognizer, device)
     log.info("training DSR %s -> %dpx on %d images (%s), losses from %s", cfg.vlr_size, cfg.model.hr_size,
              len(train), cfg.data, cfg.recognizer)

@@ -6,8 +6,8 @@ without DSR, since fine-tuning is extra training and only the gap between the tw
 adds. A fraction ``hr_mix`` of every batch can be the HR image instead, so the model keeps working on HR
 faces. Stage 1 (``stage1_epochs``) trains the embedding head and the margin head with the backbone
 frozen; stage 2 unfreezes the backbone at a much lower learning rate. The stage follows from the
-epoch number alone (the engine's ``on_epoch_start`` hook), so resuming across the switch lands in
-the same state as an uninterrupted run. The result is a recognizer checkpoint (kind ``recognizer``,
+epoch number alone (the :class:`TwoStages` hook at each epoch start), so resuming across the switch
+lands in the same state as an uninterrupted run. The result is a recognizer checkpoint (kind ``recognizer``,
 served as ``recognizer``) that records its input function, the DSR model and VLR view it was tuned for.
 
 The optimiser holds both parameter groups from the start (a frozen parameter has no gradient, so
@@ -29,15 +29,20 @@ from faceops.data.degrade import RESAMPLE_BITS, parse_size, resize_weights
 from faceops.data.manifest import DatasetError, load_manifest
 from faceops.data.reader import LoaderConfig, SplitData, load_split
 from faceops.data.tensors import MEAN, STD
+from faceops.devices import resolve_device
 from faceops.errors import FaceopsError
 from faceops.models import MarginHeadConfig, RecognizerConfig
-from faceops.train.engine import Engine, EngineConfig, FitResult, OptimConfig, ScheduleConfig, resolve_device
+from faceops.models.contract import vlr_size_of
+from faceops.train.config import EngineConfig, OptimConfig, ScheduleConfig
+from faceops.train.engine import Engine, FitResult
+from faceops.train.fit import fit_task
+from faceops.train.hooks import Hook
 from faceops.train.losses import Frozen
+from faceops.train.recipes import recipe
 from faceops.train.recognizer import (
     RecognizerTask,
     RecognizerTrainConfig,
     embed_arrays,
-    fit_task,
     load_head,
     prepare_start,
     validate_embeddings,
@@ -120,33 +125,9 @@ class FinetuneConfig:
             val_split=self.val_split, eval_batch_size=self.eval_batch_size)
 
 
-FINETUNE_RECIPES = {  # seed 003 (32x32 and the 14x16 it came from) and seed 004's stable variant
-    "32x32": {"head_lr": 9e-4, "head_lr_stage2": 6e-5, "backbone_lr": 6e-6, "stage2_epochs": 25,
-              "label_smoothing": 0.08, "margin": {"m": 0.45}, "loader": {"batch_size": 28},
-              "engine": {"early_stop_patience": 10, "optim": {"weight_decay": 3e-5}}},
-    "14x16": {"vlr_size": "14x16", "head_lr": 1e-3, "head_lr_stage2": 5e-5, "backbone_lr": 5e-6,
-              "stage2_epochs": 20, "label_smoothing": 0.1, "margin": {"m": 0.5},
-              "loader": {"batch_size": 32, "vlr_view": None},
-              "engine": {"early_stop_patience": 8, "optim": {"weight_decay": 5e-5}}},
-    "stable": {"head_lr": 1e-4, "head_lr_stage2": 3e-5, "backbone_lr": 3e-6, "margin": {"s": 32.0, "m": 0.3}},
-}
-
-
-def merged(base: dict, over: dict) -> dict:
-    """``over`` laid onto ``base``, recursively (recipes change a few nested keys of a full config)."""
-    out = dict(base)
-    for key, value in over.items():
-        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = merged(out[key], value) if nested else value
-    return out
-
-
 def finetune_recipe(name: str = "32x32") -> FinetuneConfig:
-    """A seed recipe as a config: ``32x32``, ``14x16`` or ``stable`` (seed 004's NaN-free variant)."""
-    if name not in FINETUNE_RECIPES:
-        raise FaceopsError(f"unknown fine-tune recipe {name!r}; choose one of {sorted(FINETUNE_RECIPES)}")
-    return from_dict(FinetuneConfig, merged(to_dict(FinetuneConfig()), FINETUNE_RECIPES[name]),
-                     f"fine-tune recipe {name}")
+    """A seed recipe (``configs/``): ``32x32``, ``14x16`` or ``stable`` (seed 004's NaN-free variant)."""
+    return recipe(FinetuneConfig, "finetune", name)
 
 
 # -- the input functions ----------------------------------------------------------------------------
@@ -207,37 +188,19 @@ class FinetuneTask(RecognizerTask):
             return {"backbone": 0.0, "head": self.ft.head_lr}
         return {"backbone": self.ft.backbone_lr, "head": self.ft.head_lr_stage2}
 
-    def apply_stage(self, epoch: int, engine: Engine) -> None:
-        """``on_epoch_start`` hook: freeze/unfreeze and set the group LRs for ``epoch``'s stage."""
-        stage = self.stage_for(epoch)
-        self.model.backbone.requires_grad_(stage == 2)
-        lrs = self.stage_lrs(stage)
-        sched = engine.scheduler
-        for i, group in enumerate(engine.optimizer.param_groups):
-            group["initial_lr"] = sched.base_lrs[i] = lrs[group["name"]]
-        engine._apply_lr_scale()  # lr = base * schedule factor * NaN-rollback scale
-        if stage != self.current_stage:
-            log.info("%s: epoch %d: stage %d (%s), LRs %s", self.stage, epoch + 1, stage,
-                     "head only, backbone frozen" if stage == 1 else "backbone unfrozen",
-                     {k: f"{v:.1e}" for k, v in lrs.items()})
-            self.current_stage = stage
-
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = super().param_groups()
         return {"backbone": groups["backbone"], "head": groups["head"]}
 
     # -- training and validation
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, torch.Tensor], nets: dict[str, nn.Module]) -> tuple[torch.Tensor, dict]:
         if self.current_stage == 1:
             self.model.backbone.eval()  # frozen backbone: no BatchNorm statistics move either
         x = self.input_fn(batch["vlr"])
         n_hr = round(self.ft.hr_mix * len(x))  # batches are shuffled: the first n_hr are a random subset
         if n_hr:
             x = torch.cat([batch["hr"][:n_hr], x[n_hr:]])
-        emb = self.wrapped["model"](x)
-        logits, labels = self.wrapped["head"](emb, batch["label"])
-        loss = self.criterion(logits, labels)
-        return loss, {"acc": (logits.detach().argmax(1) == labels).float().mean()}
+        return self.margin_loss(x, batch["label"], nets)
 
     def validate(self) -> dict[str, float]:
         figures = super().validate()
@@ -253,12 +216,33 @@ class FinetuneTask(RecognizerTask):
                 "vlr_size": self.ft.vlr_size, "finetune_stage": self.current_stage, "hr_mix": self.ft.hr_mix}
 
 
+class TwoStages(Hook):
+    """At each epoch start: freeze or unfreeze the backbone and set the groups' base LRs for the
+    epoch's stage (through the engine's :meth:`~Engine.set_base_lrs`, so the schedule and the
+    NaN-rollback scale still apply)."""
+
+    def __init__(self, task: FinetuneTask):
+        self.task = task
+
+    def on_epoch_start(self, engine: Engine) -> None:
+        task = self.task
+        stage = task.stage_for(engine.epoch)
+        task.model.backbone.requires_grad_(stage == 2)
+        lrs = task.stage_lrs(stage)
+        engine.set_base_lrs(lrs)
+        if stage != task.current_stage:
+            log.info("%s: epoch %d: stage %d (%s), LRs %s", task.stage, engine.epoch + 1, stage,
+                     "head only, backbone frozen" if stage == 1 else "backbone unfrozen",
+                     {k: f"{v:.1e}" for k, v in lrs.items()})
+            task.current_stage = stage
+
+
 # -- entry point ------------------------------------------------------------------------------------
 def load_frozen_dsr(uri: str, vlr_size: str) -> nn.Module:
     from faceops.train.checkpoint import load_model
 
     model, meta = load_model(uri)
-    size = meta.get("vlr_size") or (meta.get("model_config") or {}).get("vlr_size")
+    size = vlr_size_of(meta)
     if meta.get("kind") != "dsr":
         raise FaceopsError(f"finetune.dsr {uri} is a {meta.get('kind')!r} checkpoint, not a DSR model")
     if size != vlr_size:
@@ -303,7 +287,7 @@ def finetune_edgeface(cfg: FinetuneConfig, resume: bool = False) -> FitResult:
     train = load_split(cfg.data, "train", views=["hr", view])
     has_val = cfg.val_split in manifest["shards"]
     val = load_split(cfg.data, cfg.val_split, views=["hr", view]) if has_val else None
-    device = resolve_device(cfg.engine.device)
+    device = resolve_device(cfg.engine.device, "engine.device")
     upsample = input_function(cfg, train.hr.shape[1:3])
     torch.manual_seed(cfg.engine.seed)  # a new margin head's class centres are part of the run's recipe
     task = FinetuneTask(cfg, train, val, device, upsample)
@@ -313,4 +297,4 @@ def finetune_edgeface(cfg: FinetuneConfig, resume: bool = False) -> FitResult:
     log.info("fine-tuning %s on %s(%s) of %d images: %d head-only + %d full epochs", cfg.model.name,
              cfg.upsample, cfg.vlr_size, len(train), cfg.stage1_epochs, cfg.stage2_epochs)
     return fit_task(task, train, cfg.loader, cfg.engine, cfg.out, to_dict(cfg), manifest["content_hash"],
-                    resume, on_epoch_start=task.apply_stage)
+                    resume, hooks=[TwoStages(task)])

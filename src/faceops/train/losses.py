@@ -8,13 +8,13 @@ network stays in eval mode even when a training loop calls ``.train()``, so grad
 DSR network and BatchNorm statistics never move.
 
 Weights default to seed 003's 32x32 recipe (perceptual 0.025, identity 0.60, feature matching 0.18,
-TV 2e-6, pixel 1.0); :func:`loss_config_for` gives the 14x16 numbers (0.02, 0.50, 0.15, 3e-6).
+TV 2e-6, pixel 1.0); the 14x16 numbers (0.02, 0.50, 0.15, 3e-6) are in ``configs/vlr_14x16.yaml``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,17 +58,6 @@ class DSRLossConfig:
         for name in ("perceptual_stages", "feature_stages"):
             stages = getattr(self, name)
             check(all(s >= 0 for s in stages), f"losses.{name} must be stage indices >= 0, got {stages}")
-
-
-LOSS_RECIPES = {  # seed 003: the 32x32 recipe and the 14x16 one it was tuned from
-    "32x32": {},
-    "14x16": {"perceptual": 0.02, "identity": 0.50, "feature_match": 0.15, "tv": 3e-6},
-}
-
-
-def loss_config_for(vlr_size: str) -> DSRLossConfig:
-    """The seed's loss weights for ``vlr_size`` (other sizes get the 32x32 numbers)."""
-    return replace(DSRLossConfig(), **LOSS_RECIPES.get(vlr_size, {}))
 
 
 # -- frozen networks --------------------------------------------------------------------------------
@@ -209,7 +198,7 @@ class DSRLoss(nn.Module):
             out["emb"] = self.recognizer(x)
         return out
 
-    def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and its unweighted parts (for logging)."""
         cfg = self.cfg
         with torch.no_grad():
@@ -227,4 +216,4 @@ class DSRLoss(nn.Module):
         weights = {"l1": cfg.pixel, "perceptual": cfg.perceptual, "identity": cfg.identity,
                    "feature_match": cfg.feature_match, "tv": cfg.tv}
         total = sum(weights[k] * v.float() for k, v in parts.items())
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, {k: v.detach() for k, v in parts.items()}  # tensors: read only when logged

@@ -4,7 +4,6 @@ validated by verification on the val split's pairs."""
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -16,22 +15,17 @@ from torch import nn
 from faceops.config import check, to_dict
 from faceops.data.augment import AugmentConfig
 from faceops.data.manifest import load_manifest
-from faceops.data.reader import BatchDataset, LoaderConfig, SplitData, load_split
-from faceops.data.tensors import to_input
+from faceops.data.reader import LoaderConfig, SplitData, load_split
+from faceops.devices import resolve_device
 from faceops.errors import FaceopsError
 from faceops.evaluate.verification import verification_metrics
 from faceops.models import MarginHeadConfig, RecognizerConfig, create_margin_head, create_recognizer
 from faceops.models.contract import checkpoint_entry
+from faceops.models.embed import embed_faces, module_forward
 from faceops.models.pretrained import load_pretrained
-from faceops.train.engine import (
-    Engine,
-    EngineConfig,
-    FitResult,
-    OptimConfig,
-    ScheduleConfig,
-    mean_inter_identity_cosine,
-    resolve_device,
-)
+from faceops.train.config import EngineConfig, OptimConfig, ScheduleConfig
+from faceops.train.engine import FitResult, mean_inter_identity_cosine
+from faceops.train.fit import fit_task
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +66,14 @@ class RecognizerTrainConfig:
         check(0.0 <= self.label_smoothing < 1.0, "recognizer.label_smoothing must be in [0, 1)")
 
 
-@torch.no_grad()
 def embed_arrays(model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device,
                  input_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Embeddings of uint8 NHWC images (``input_fn`` maps the network input first, e.g. DSR)."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = to_input(images[i:i + batch_size]).to(device)
-        if input_fn is not None:
-            x = input_fn(x)
-        out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 1)
+    """Embeddings of uint8 NHWC images (``input_fn`` maps the network input first, e.g. DSR), through
+    the one embedding path (:func:`faceops.models.embed.embed_faces`); the model's mode is left as is."""
+    if len(images) == 0:
+        return torch.zeros(0, 1)
+    forward = module_forward(model, device, input_fn=input_fn, exact_fp32=False)
+    return torch.from_numpy(embed_faces(forward, images, batch_size=batch_size))
 
 
 def validate_embeddings(emb: torch.Tensor, data: SplitData) -> dict[str, float]:
@@ -111,7 +102,6 @@ class RecognizerTask:
         self.model_name = cfg.model.name
         self.head = create_margin_head(cfg.margin, cfg.model.embedding_dim, train.num_classes)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.wrapped: dict[str, nn.Module] = {"model": self.model, "head": self.head}
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, "head": self.head}
@@ -120,12 +110,15 @@ class RecognizerTask:
         groups = self.model.param_groups()
         return {"backbone": groups["backbone"], "head": groups["head"] + list(self.head.parameters())}
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, torch.Tensor], nets: dict[str, nn.Module]) -> tuple[torch.Tensor, dict]:
         x = batch["hr"] if self.input_view == "hr" else batch["vlr"]
         if self.input_fn is not None:
             x = self.input_fn(x)
-        emb = self.wrapped["model"](x)
-        logits, labels = self.wrapped["head"](emb, batch["label"])
+        return self.margin_loss(x, batch["label"], nets)
+
+    def margin_loss(self, x: torch.Tensor, labels: torch.Tensor,
+                    nets: dict[str, nn.Module]) -> tuple[torch.Tensor, dict]:
+        logits, labels = nets["head"](nets["model"](x), labels)
         loss = self.criterion(logits, labels)
         acc = (logits.detach().argmax(1) == labels).float().mean()  # a tensor: read only when logged
         return loss, {"acc": acc}
@@ -144,10 +137,6 @@ class RecognizerTask:
             self._contract_meta = checkpoint_entry(self.cfg.data)
         return {"model_config": to_dict(self.cfg.model), "num_classes": self.head.num_classes,
                 "input_view": self.input_view, **self._contract_meta}
-
-
-def run_id_for(out: str) -> str:
-    return os.environ.get("FACEOPS_RUN_ID") or out.rstrip("/").rsplit("/", 1)[-1]
 
 
 def prepare_start(model: nn.Module, cfg: RecognizerTrainConfig) -> dict | None:
@@ -188,7 +177,7 @@ def train_recognizer(cfg: RecognizerTrainConfig, resume: bool = False) -> FitRes
     val = load_split(cfg.data, cfg.val_split, views=["hr"]) if cfg.val_split in manifest["shards"] else None
     log.info("training %s on %d images of %d identities (%s)", cfg.model.name, len(train), train.num_classes,
              cfg.data)
-    device = resolve_device(cfg.engine.device)
+    device = resolve_device(cfg.engine.device, "engine.device")
     torch.manual_seed(cfg.engine.seed)  # model init is part of the run: same seed, same weights
     task = RecognizerTask(cfg, train, val, device)
     prepare_start(task.model, cfg)
@@ -207,20 +196,3 @@ def train_recognizer(cfg: RecognizerTrainConfig, resume: bool = False) -> FitRes
         result = fit_task(task, train, cfg.loader, phase_cfg.engine, f"{cfg.out.rstrip('/')}/phase{i}",
                           to_dict(phase_cfg), manifest["content_hash"], resume)
     return result
-
-
-def fit_task(task, train: SplitData, loader: LoaderConfig, engine_cfg: EngineConfig, out: str,
-             run_config: dict, dataset_hash: str, resume: bool, on_epoch_start=None,
-             train_set: BatchDataset | None = None) -> FitResult:
-    """Shared by every task: dataset over the train split (unless the task brings its own batches,
-    as DSR does), the engine, the fit."""
-    if train_set is None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        train_set = BatchDataset(train, loader, seed=engine_cfg.seed, train=True, rank=rank, world_size=world)
-    engine = Engine(task, train_set, engine_cfg, out, run_id=run_id_for(out),
-                    run_config=run_config, model_name=getattr(task, "model_name", ""),
-                    dataset_hash=dataset_hash, on_epoch_start=on_epoch_start)
-    if hasattr(task, "wrapped"):
-        task.wrapped = engine.wrapped
-    return engine.fit(resume=resume)
