@@ -81,7 +81,9 @@ def test_engine_and_bare_loop_run_and_time(tmp_path):
     off(cfg)
     assert cfg.checkpoint_every_steps > 10**6
     assert train_bench.forward_flops_per_image(b.task.model) > 0
-    assert train_bench.gemm_peak_gflops(torch.device("cpu"), seconds=0.01, repeats=1) > 0
+    peak = _import_from_checkout("bench.peak").measured_peak_gflops(
+        seconds=0.01, repeats=1, matmul_shapes=[(0, 64, 64, 64)], conv_shapes=[(8, 8)])
+    assert peak["peak_gflop_per_s"] > 0
 
 
 def test_steady_rate_needs_two_stamps():
