@@ -97,23 +97,54 @@ def test_sigkill_then_resume_gives_identical_weights(tiny_dataset, tmp_path):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume from step {killed_at}"
 
 
+def _one_and_two_processes(data: str, tmp_path: Path, *sets: str) -> tuple[dict, dict]:
+    one = tmp_path / "one"
+    subprocess.run(_train_cmd(data, one, *sets), check=True, env=_env(), capture_output=True)
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "faceops", *_train_cmd(data, two, *sets)[3:]]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load_checkpoint(str(one / "last.pt")), load_checkpoint(str(two / "last.pt"))
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one(tiny_dataset, tmp_path):
     sets = ("engine.epochs=1", "engine.max_steps=3", "model.head=linear", "engine.clip_grad_norm=null",
             "engine.optim.name=sgd", "engine.optim.lr=0.05")
-    one = tmp_path / "one"
-    subprocess.run(_train_cmd(tiny_dataset, one, *sets), check=True, env=_env(), capture_output=True)
-    two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "faceops", *_train_cmd(tiny_dataset, two, *sets)[3:]]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = _weights(one / "last.pt"), _weights(two / "last.pt")
-    init = load_checkpoint(str(one / "last.pt"))
-    assert init["step"] == 3
+    one, two = _one_and_two_processes(tiny_dataset, tmp_path, *sets)
+    a, b = one["model"], two["model"]
+    assert one["step"] == 3
     for k in a:
         if a[k].is_floating_point():
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs")
+
+
+@pytest.mark.slow
+def test_ddp_accumulation_equals_one_process_and_a_batchnorm_model_trains(tiny_dataset, tmp_path):
+    """2 micro-batches per step (DDP all-reduces only on the last, no_sync on the first): 2 ranks train
+    what 1 process does. A BatchNorm head under 2 ranks trains too (statistics per rank, as DDP has them
+    without SyncBatchNorm, which torch runs on GPUs only)."""
+    sets = ("engine.epochs=1", "engine.max_steps=2", "engine.clip_grad_norm=null", "engine.optim.name=sgd",
+            "engine.optim.lr=0.05", "engine.grad_accum=2")
+    one, two = _one_and_two_processes(tiny_dataset, tmp_path / "linear", *sets, "model.head=linear")
+    assert one["step"] == two["step"] == 2
+    for k, v in one["model"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, two["model"][k], rtol=1e-4, atol=1e-5, msg=f"{k} differs")
+    one, two = _one_and_two_processes(tiny_dataset, tmp_path / "bn", *sets, "model.head=linear_bn")
+    stats = [k for k in two["model"] if k.endswith("running_mean")]
+    assert stats and two["step"] == 2
+    assert all(torch.isfinite(two["model"][k]).all() and two["model"][k].abs().sum() > 0 for k in stats)
+
+
+def test_sync_bn_is_refused_where_torch_cannot_run_it():
+    from faceops.train import ddp
+    from faceops.train.engine import TrainingError
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    with pytest.raises(TrainingError, match=r"engine.sync_bn.*CUDA"):
+        ddp.wrap({"model": model}, ddp.DistInfo(0, 2, 0), torch.device("cpu"), sync_bn=True, find_unused=False)
 
 
 def test_schedules_and_groups():

@@ -88,8 +88,8 @@ class EdgeFaceTrunk(StagedTrunk):
         if self.gamma is not None:
             replace_linear_with_low_rank(head, self.gamma)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm_pre(self.stages(self.stem(x))))
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm_pre(x))
 
     @staticmethod
     def remap_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -103,8 +103,7 @@ class IResNetTrunk(StagedTrunk):
             if isinstance(block, IBasicBlock):
                 nn.init.zeros_(block.bn3.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
         # not while tracing (ONNX export): shapes are then tensors, and the traced graph's FC fixes the size
         if not torch.jit.is_tracing() and tuple(x.shape[-2:]) != (MAP_SIZE, MAP_SIZE):
             raise FaceopsError(f"IResNet takes {INPUT_SIZE}x{INPUT_SIZE} faces (its FC reads the "

@@ -56,11 +56,19 @@ class RecognizerConfig:
 
 
 class StagedTrunk(nn.Module):
-    """A trunk built as ``stem`` then ``stages`` (a sequence): the per-stage feature maps that the DSR
-    perceptual and feature-matching losses compare come from here."""
+    """A trunk built as ``stem``, then ``stages`` (a sequence), then ``forward_tail`` (pooling, norm):
+    the per-stage feature maps that the DSR perceptual and feature-matching losses compare come from
+    here, in the same pass as the features when both are wanted (:meth:`forward_with_stages`)."""
 
     stem: nn.Module
     stages: nn.Sequential
+
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's map -> pooled features [N, feature_dim]."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tail(self.stages(self.stem(x)))
 
     def forward_stages(self, x: torch.Tensor, num_stages: int | None = None) -> list[torch.Tensor]:
         x = self.stem(x)
@@ -69,6 +77,11 @@ class StagedTrunk(nn.Module):
             x = stage(x)
             out.append(x)
         return out
+
+    def forward_with_stages(self, x: torch.Tensor, num_stages: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The first ``num_stages`` stage maps and the features, running every stage once."""
+        maps = self.forward_stages(x)
+        return maps[:num_stages], self.forward_tail(maps[-1])
 
 
 # A builder returns a trunk: [N, 3, 112, 112] -> [N, feature_dim] pooled features, with ``feature_dim`` and
@@ -100,6 +113,11 @@ class Recognizer(nn.Module):
     def forward_stages(self, x: torch.Tensor, num_stages: int | None = None) -> list[torch.Tensor]:
         """Feature maps after each backbone stage (the first ``num_stages`` only, stopping early)."""
         return self.backbone.forward_stages(x, num_stages)
+
+    def forward_with_stages(self, x: torch.Tensor, num_stages: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The first ``num_stages`` stage maps and the embedding, in one pass (the DSR losses want both)."""
+        maps, features = self.backbone.forward_with_stages(x, num_stages)
+        return maps, F.normalize(self.embedding(features), dim=1)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """``{'backbone': [...], 'head': [...]}`` for per-group learning rates."""

@@ -65,8 +65,8 @@ class ResNetTrunk(StagedTrunk):
     def _init_weights(self) -> None:
         init_conv_bn(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.stages(self.stem(x)))
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x)
 
 
 @register_backbone

@@ -13,6 +13,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from faceops.errors import TrainingError
+
 
 @dataclass
 class DistInfo:
@@ -46,6 +48,9 @@ def wrap(modules: dict[str, nn.Module], info: DistInfo, device: torch.device, sy
     gets them back unchanged."""
     if not info.distributed:
         return dict(modules)
+    if sync_bn and device.type != "cuda":
+        raise TrainingError("engine.sync_bn: torch's SyncBatchNorm runs on CUDA devices only; this DDP run is on "
+                            f"{device.type}: set engine.sync_bn=false")
     ids = [device.index] if device.type == "cuda" else None
     out = {}
     for name, m in modules.items():

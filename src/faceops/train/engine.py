@@ -29,7 +29,7 @@ from torch import nn
 
 from faceops.data.reader import BatchDataset, make_loader
 from faceops.devices import resolve_device
-from faceops.errors import FaceopsError
+from faceops.errors import TrainingError
 from faceops.train import ddp
 from faceops.train.checkpoint import CheckpointError, history_uri, load_newest_good, prune_history
 from faceops.train.config import EngineConfig
@@ -42,10 +42,6 @@ from faceops.train.writer import CheckpointWriter
 
 log = logging.getLogger(__name__)
 SCHEDULE_FORMAT = 2  # torch's schedulers (format 1: a LambdaLR of faceops' own)
-
-
-class TrainingError(FaceopsError):
-    pass
 
 
 class Task(Protocol):

@@ -82,6 +82,9 @@ class RecognizerStages(Frozen):
     def stages(self, x: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
         return self.net.forward_stages(x, num_stages)
 
+    def stages_and_embedding(self, x: torch.Tensor, num_stages: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.net.forward_with_stages(x, num_stages)
+
 
 class VGGFeatures(Frozen):
     """Frozen VGG16 feature taps from a local weights file (torchvision layout; never downloaded)."""
@@ -167,7 +170,8 @@ class TotalVariationLoss(nn.Module):
 
 
 class DSRLoss(nn.Module):
-    """The weighted sum; the frozen networks run once per batch, HR features without a graph."""
+    """The weighted sum; the frozen networks run once per image (stage maps and embedding in one pass),
+    HR features without a graph."""
 
     def __init__(self, cfg: DSRLossConfig, recognizer: nn.Module) -> None:
         super().__init__()
@@ -184,9 +188,16 @@ class DSRLoss(nn.Module):
         self.num_stages = max(rec_stages) + 1 if rec_stages else 0
 
     def _features(self, x: torch.Tensor) -> dict[str, object]:
+        """The frozen recognizer's stage maps and embedding of ``x``, its stages run once."""
         cfg = self.cfg
         out: dict[str, object] = {}
-        stages = self.recognizer.stages(x, self.num_stages) if self.num_stages else []
+        stages: list[torch.Tensor] = []
+        if self.num_stages and cfg.identity > 0:
+            stages, out["emb"] = self.recognizer.stages_and_embedding(x, self.num_stages)
+        elif self.num_stages:
+            stages = self.recognizer.stages(x, self.num_stages)
+        elif cfg.identity > 0:
+            out["emb"] = self.recognizer(x)
         if self.num_stages and len(stages) < self.num_stages:
             raise LossError(f"the recognizer has {len(stages)} stages; losses.perceptual_stages/"
                             f"feature_stages ask for stage index {self.num_stages - 1}")
@@ -194,8 +205,6 @@ class DSRLoss(nn.Module):
             out["fm"] = [stages[i] for i in cfg.feature_stages]
         if cfg.perceptual > 0:
             out["perc"] = self.vgg(x) if self.vgg is not None else [stages[i] for i in cfg.perceptual_stages]
-        if cfg.identity > 0:
-            out["emb"] = self.recognizer(x)
         return out
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
