@@ -2,7 +2,9 @@
 
 Figures (written to bench/results/ingest.json):
 
-* ``ingest``: images/s of ``faceops ingest`` on ``../shared/data/lfw_devtrain`` (centre crop 128, every
+* ``source``: the JPEG folder measured: ``../shared/data/lfw_devtrain``, or where that is absent (or with
+  ``--synthetic``) synthetic faces (:mod:`faceops.data.synth`) written as 250x250 JPEGs like LFW's.
+* ``ingest``: images/s of ``faceops ingest`` on the source (centre crop 128, every
   core, into a temporary local store): decode, prepare, VLR degradation, shards, manifest.
 * ``reader``: the training reader in ONE process with ONE torch thread (a DataLoader worker's share):
   ``BatchDataset`` batches of 256 gathered and turned into augmented float input on the CPU
@@ -12,7 +14,7 @@ Figures (written to bench/results/ingest.json):
 * ``jpeg_baseline``: the same process decoding the same source files with PIL (decode + resize to
   112 + to a float tensor), one by one: what a reader that keeps JPEGs would pay.
 * ``reader_vs_jpeg``: reader images/s divided by baseline images/s, measured in this run.
-* ``augment_profile``: where the reader's time goes (share of CPU time per op, torch profiler).
+* ``augment_profile``: where the reader's time goes (share of CPU time per op group, torch profiler).
 
 Each rate is given per wall second and per CPU second of the process (``*_per_cpu_s``); on a shared
 machine the CPU-second figure is the per-core rate. Targets (issue): reader >= 2,000 images/s per
@@ -42,6 +44,9 @@ from ._runner import save_result
 
 REPO = Path(__file__).resolve().parents[1]
 HR_SIZE = 112
+LFW_SIZE = 250  # side of an LFW deep-funneled JPEG: synthetic stand-ins are written at it
+LFW_JPEG_QUALITY = 90
+SYNTH_IMAGES_PER_IDENTITY = 10  # within the default training-class rule (8-150 images a person)
 TARGET_PER_CORE = 2000.0
 TARGET_RATIO = 3.0
 
@@ -64,10 +69,23 @@ def timed_rate(work: Callable[[], int], seconds: float) -> dict:
             "wall_s": wall, "cpu_s": cpu}
 
 
+def synthetic_source(folder: Path, identities: int, images_per_identity: int) -> Path:
+    """Synthetic faces as LFW-like JPEG identity folders (250x250), for a machine without LFW."""
+    from faceops.data.synth import make_identity, render
+
+    for i in range(identities):
+        ident = make_identity(np.random.default_rng([0, i]))
+        (folder / f"id_{i:04d}").mkdir(parents=True)
+        for k in range(images_per_identity):
+            face = render(ident, np.random.default_rng([0, i, k + 1]), LFW_SIZE)
+            face.save(folder / f"id_{i:04d}" / f"{k:04d}.jpg", quality=LFW_JPEG_QUALITY)
+    return folder
+
+
 def bench_ingest(source: Path, store: str, crop: int, workers: int) -> tuple[dict, str]:
     cfg = IngestConfig(prepare=PrepareConfig(center_crop=crop), workers=workers)
     t0 = time.perf_counter()
-    result = ingest(str(source), "lfw_devtrain", store, cfg, progress=False)
+    result = ingest(str(source), "bench", store, cfg, progress=False)
     seconds = time.perf_counter() - t0
     cores = workers or usable_cores()
     scanned = result.summary["scanned"]
@@ -117,16 +135,19 @@ def augment_profile(ds: BatchDataset, batches: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     work = reader_work(ds)
+    work()  # warm-up: the noise bank and the scratch buffers are made once
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(batches):
             work()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) or 1.0
-    groups = {
+    groups = {  # the ops of Augment's chunked pass (faceops.data.augment)
         "grid_sample": ("aten::grid_sampler_2d",),
-        "affine_grid": ("aten::affine_grid_generator",),
-        "randn_noise": ("aten::randn", "aten::normal_"),
-        "index_and_to_float": ("aten::index", "aten::_to_copy", "aten::copy_", "aten::permute"),
+        "grid": ("aten::bmm",),  # each chunk's sampling grid, one small matmul
+        "noise_bank": ("aten::index_select",),  # each sample's window of the noise bank
+        "colour": ("aten::baddbmm", "aten::addcmul", "aten::mean", "aten::clamp_"),
+        # uint8 -> float, baddbmm's copy of its input into the output: where the output's pages are first touched
+        "to_float_and_first_touch": ("aten::_to_copy", "aten::copy_", "aten::add_"),
     }
     shares = {name: sum(e.self_cpu_time_total for e in events if e.key in ops) / total
               for name, ops in groups.items()}
@@ -193,6 +214,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256, help="reader batch size")
     p.add_argument("--center-crop", type=int, default=128, help="ingest centre crop (px of 250)")
     p.add_argument("--workers", type=int, default=0, help="ingest processes (0 = all cores)")
+    p.add_argument("--synthetic", action="store_true", help="measure synthetic JPEG faces even where LFW is "
+                   "present (the fallback where it is absent)")
+    p.add_argument("--synthetic-identities", type=int, default=300, help="synthetic people (10 images each)")
     p.add_argument("--name", default="ingest", help="result name (bench/results/<name>.json)")
     return p
 
@@ -200,11 +224,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     source = args.source or data_root() / "lfw_devtrain"
-    if not source.is_dir():
-        raise SystemExit(f"{source} not found: set FACEOPS_DATA to the folder holding lfw_devtrain")
+    if args.source is not None and not source.is_dir():
+        raise SystemExit(f"{source} not found")
+    synthetic = args.synthetic or not source.is_dir()
     with tempfile.TemporaryDirectory(prefix="faceops-bench-ingest-") as tmp:
-        figures = run(source, args.seconds, args.batch, args.center_crop, args.workers, tmp)
-    notes = (f"Reader: one process, one torch thread, batch {args.batch}: uint8 gather + BatchDataset.to_device "
+        if synthetic:
+            print(f"source: synthetic JPEG faces ({'--synthetic' if args.synthetic else f'{source} not found'})")
+            source = synthetic_source(Path(tmp) / "faces", args.synthetic_identities, SYNTH_IMAGES_PER_IDENTITY)
+        else:
+            print(f"source: {source}")
+        kind = "synthetic" if synthetic else "lfw_devtrain" if args.source is None else "folder"
+        figures = {"source": {"kind": kind, "path": "(temporary)" if synthetic else str(source)}}
+        figures |= run(source, args.seconds, args.batch, args.center_crop, args.workers, tmp)
+    notes = (f"Source: {figures['source']['kind']}. "
+             f"Reader: one process, one torch thread, batch {args.batch}: uint8 gather + BatchDataset.to_device "
              "on the CPU (float conversion + recognizer-recipe augmentation); gather_only = a DataLoader "
              "worker's part when augmentation runs on the GPU. Baseline: PIL decode + bilinear resize to 112 "
              "+ float tensor of the same train files. *_per_cpu_s = per core (process CPU time).")

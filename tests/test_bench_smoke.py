@@ -120,3 +120,15 @@ def test_accuracy_config_and_curve():
 def test_every_benchmark_imports(module):
     """A benchmark that no longer imports (a renamed API) fails here, not on the day it is run."""
     assert hasattr(_import_from_checkout(f"bench.{module}"), "__doc__")
+
+
+def test_the_training_loop_never_waits_on_the_device_per_step(tmp_path):
+    """Contract of the engine's hot path: no .item()/bool()/.tolist()/.numpy() of a tensor in a step,
+    only in the engine's periodic reads, and no torch.save on the training thread (checkpoints are
+    serialised by the writer thread). Fails on the first such call added to the loop."""
+    figures = _import_from_checkout("bench.host_sync").profile(steps=12, log_every=5, checkpoint_every=5,
+                                                                work=str(tmp_path))
+    assert figures["steps"] == 12
+    assert figures["per_step_syncs"] == 0, figures["by_method"]
+    assert figures["torch_save_on_training_thread"] == 0
+    assert figures["periodic_syncs"] > 0  # the counter sees the reads it should

@@ -199,20 +199,25 @@ class BatchDataset(Dataset):
         if self.cfg.vlr_view:
             out["vlr"] = torch.from_numpy(self.data.vlr[self.cfg.vlr_view][mine])
         seed = int(np.random.SeedSequence([self.seed, self.epoch, b]).generate_state(1)[0])
-        out["aug"] = torch.tensor([seed, int(part[0]) if len(part) else 0, len(idx)], dtype=torch.int64)
+        # host integers, not a tensor: reading them on the training thread must never wait on a device
+        out["aug"] = (seed, int(part[0]) if len(part) else 0, len(idx))
         return out
 
     def to_device(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        """uint8 batch -> float NCHW in [-1, 1] on ``device``, augmented (training) with its seed."""
-        seed, start, total = (int(v) for v in batch["aug"])
+        """uint8 batch -> float NCHW in [-1, 1] on ``device``, augmented (training) with its seed.
+
+        Bytes cross to the device as uint8; :class:`Augment` takes them as they are and makes the float
+        input in the same pass as the augmentation (no separate float copy of the batch)."""
+        seed, start, total = batch["aug"]
         out = {"label": batch["label"].to(device, non_blocking=True)}
         for view in ("hr", "vlr"):
             if view in batch:
-                out[view] = to_input(batch[view].to(device, non_blocking=True))
-        if self.augment is not None:
-            gen = torch.Generator(device=device).manual_seed(seed)
-            out = self.augment(out, gen, start, total)
-        return out
+                x = batch[view].to(device, non_blocking=True)
+                out[view] = x if isinstance(self.augment, Augment) else to_input(x)  # others take floats
+        if self.augment is None:
+            return out
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return self.augment(out, gen, start, total)
 
 
 def make_loader(ds: BatchDataset, start_batch: int = 0) -> DataLoader:
