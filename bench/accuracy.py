@@ -53,10 +53,11 @@ from faceops.evaluate import evaluate
 from faceops.export import ExportConfig, check_parity, export_onnx
 from faceops.models import MarginHeadConfig, RecognizerConfig, create_margin_head, create_recognizer
 from faceops.train.checkpoint import load_model
-from faceops.train.engine import Engine, FitResult
+from faceops.train.engine import Engine
 from faceops.train.fit import fit_task
 from faceops.train.hooks import Hook
 from faceops.train.recognizer import RecognizerTask, RecognizerTrainConfig
+from faceops.train.task import FitResult
 
 from ._runner import save_result
 

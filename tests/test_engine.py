@@ -189,7 +189,7 @@ def test_onecycle_is_torchs():
 
 
 def test_collapse_metric():
-    from faceops.train.engine import mean_inter_identity_cosine
+    from faceops.train.task import mean_inter_identity_cosine
 
     labels = torch.tensor([0, 0, 1, 1])
     collapsed = torch.ones(4, 3)

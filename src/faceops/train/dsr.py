@@ -45,11 +45,11 @@ from faceops.models.contract import (
     shown,
 )
 from faceops.train.config import EngineConfig, OptimConfig, ScheduleConfig
-from faceops.train.engine import FitResult
 from faceops.train.fit import fit_task
 from faceops.train.losses import DSRLoss, DSRLossConfig, RecognizerStages
 from faceops.train.recipes import RECIPES, recipe
 from faceops.train.recognizer import embed_arrays
+from faceops.train.task import FitResult
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from faceops.errors import FaceopsError
 from faceops.models import MarginHeadConfig, RecognizerConfig
 from faceops.models.contract import vlr_size_of
 from faceops.train.config import EngineConfig, OptimConfig, ScheduleConfig
-from faceops.train.engine import Engine, FitResult
+from faceops.train.engine import Engine
 from faceops.train.fit import fit_task
 from faceops.train.hooks import Hook
 from faceops.train.losses import Frozen
@@ -47,6 +47,7 @@ from faceops.train.recognizer import (
     prepare_start,
     validate_embeddings,
 )
+from faceops.train.task import FitResult
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 from faceops.data.reader import BatchDataset, LoaderConfig, SplitData
 from faceops.train.config import EngineConfig
-from faceops.train.engine import Engine, FitResult, Task
+from faceops.train.engine import Engine
 from faceops.train.hooks import Hook
+from faceops.train.task import FitResult, Task
 
 
 def run_id_for(out: str) -> str:

@@ -24,8 +24,8 @@ from faceops.models.contract import checkpoint_entry
 from faceops.models.embed import embed_faces, module_forward
 from faceops.models.pretrained import load_pretrained
 from faceops.train.config import EngineConfig, OptimConfig, ScheduleConfig
-from faceops.train.engine import FitResult, mean_inter_identity_cosine
 from faceops.train.fit import fit_task
+from faceops.train.task import FitResult, mean_inter_identity_cosine
 
 log = logging.getLogger(__name__)
 
