@@ -357,3 +357,36 @@ def test_a_checkpoint_that_no_longer_fits_its_architecture_is_a_clear_error(tmp_
                                                "model_config": {"name": "edgeface_xxs"}})
     with pytest.raises(CheckpointError, match=r"old\.pt: its weights do not fit the edgeface_xxs .*older faceops"):
         load_model(str(tmp_path / "old.pt"))
+
+
+def test_resume_is_exact_with_randomness_in_the_model(tiny_dataset, tmp_path):
+    """Stochastic depth draws from the global RNG every step: a resumed run must draw what an uninterrupted
+    one does (a DataLoader iterator drawing its base seed from that RNG put the resumed run one draw ahead)."""
+    from faceops.data.reader import BatchDataset, load_split
+    from faceops.train.engine import Engine
+    from faceops.train.hooks import Hook
+    from faceops.train.recognizer import RecognizerTask
+
+    torch.set_num_threads(1)
+
+    class CrashAt(Hook):
+        def on_step_end(self, engine):
+            if engine.step == 2:  # mid-epoch (3 batches per epoch): resume re-creates the epoch's DataLoader
+                raise KeyboardInterrupt("simulated crash after the step-1 checkpoint")
+
+    def fit(out: Path, hooks=(), resume=False):
+        cfg = tiny_cfg(tiny_dataset, out, "engine.epochs=2", "engine.max_steps=6", "engine.checkpoint_every_steps=1",
+                       "model.drop_path_rate=0.2")
+        train = load_split(tiny_dataset, "train")
+        torch.manual_seed(0)
+        task = RecognizerTask(cfg, train, None, torch.device("cpu"))
+        return Engine(task, BatchDataset(train, cfg.loader, 0), cfg.engine, str(out), hooks=hooks).fit(resume=resume)
+
+    fit(tmp_path / "ref")
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "run", hooks=[CrashAt()])
+    assert load_checkpoint(str(tmp_path / "run" / "last.pt"))["batch_in_epoch"] == 1
+    fit(tmp_path / "run", resume=True)
+    a, b = _weights(tmp_path / "ref" / "last.pt"), _weights(tmp_path / "run" / "last.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume from step 1"

@@ -7,6 +7,8 @@ a job sized for a GPU would run for days instead of failing in a second.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from faceops.config import ConfigError
@@ -20,7 +22,7 @@ def resolve_device(name: str, setting: str = "device") -> torch.device:
     """``auto``: the GPU when CUDA is available, else the CPU; anything else as torch reads it, checked
     against this machine. Errors name ``setting`` (e.g. ``engine.device``) and what to use instead."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return _this_rank(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
@@ -32,4 +34,15 @@ def resolve_device(name: str, setting: str = "device") -> torch.device:
         if device.index is not None and device.index >= count:
             raise DeviceError(f"{setting}={name!r} but this machine has {count} CUDA device(s) "
                               f"(cuda:0 to cuda:{count - 1}); use one of them, 'auto' or 'cpu'")
-    return device
+    return _this_rank(device)
+
+
+def _this_rank(device: torch.device) -> torch.device:
+    """Under torchrun (``WORLD_SIZE > 1``) an unnumbered ``cuda`` is this rank's GPU (``LOCAL_RANK``),
+    made the current device so that everything built before DDP (frozen networks, CUDA contexts)
+    lands there, as torchvision's ``init_distributed_mode`` does."""
+    if device.type != "cuda" or device.index is not None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)

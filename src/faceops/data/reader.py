@@ -224,4 +224,6 @@ def make_loader(ds: BatchDataset, start_batch: int = 0) -> DataLoader:
     """A DataLoader over whole batches from ``start_batch`` (resume mid-epoch)."""
     return DataLoader(ds, batch_size=None, sampler=range(start_batch, len(ds)),
                       num_workers=ds.cfg.workers, persistent_workers=False,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator())  # its base seed would draw from the global RNG that
+    #   checkpoints save: a resumed epoch would then be one draw ahead (batches depend on (seed, epoch, b))

@@ -58,8 +58,9 @@ class Engine(EngineState):
             m.to(self.device)
         self.nets = ddp.wrap(self.modules, self.dist, self.device, cfg.sync_bn, cfg.ddp_find_unused)
         self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
-        self.steps_per_epoch = max(1, len(train_set) // cfg.grad_accum)
-        self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs
+        self.steps_per_epoch = max(1, math.ceil(len(train_set) / cfg.grad_accum))  # a last partial group steps too
+        self.configured_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs
+        self.total_steps = self.configured_steps  # a hook may re-plan it (replan)
         self.optimizer = build_optimizer(cfg.optim, task.param_groups())
         self.base_lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         self.lr_scale = 1.0
@@ -135,6 +136,10 @@ class Engine(EngineState):
     def _end(self, success: bool) -> None:
         try:
             self.writer.close()
+        except Exception:
+            if success:
+                raise
+            log.exception("%s: the last checkpoint write failed too", self.task.stage)  # keep the first error
         finally:
             self._call("on_fit_end", success)
 
@@ -208,13 +213,17 @@ class Engine(EngineState):
         if self.guard.inject(self.step, "grad", self.dist.rank):
             next(p for p in self.params if p.grad is not None).grad.fill_(float("nan"))
         self.scaler.unscale_(opt)
-        max_norm = cfg.clip_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if cfg.clip_grad_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm, foreach=True)
+        else:  # the norm for the guard and the log, without scaling every gradient by 1
+            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         grad_bad = ~torch.isfinite(grad_norm)
+        grad_event = grad_bad
         if self.scaler.is_enabled():  # fp16: inf grads above min_loss_scale are the scaler's skip, not an event
-            overflow = grad_bad & ~loss_bad & (self.scaler._scale > cfg.nan_guard.min_loss_scale)
-            grad_bad = grad_bad & ~overflow
-        skip = loss_bad | ~torch.isfinite(grad_norm)
+            grad_event = grad_bad & ~loss_bad & ~(self.scaler._scale > cfg.nan_guard.min_loss_scale)
+        flags = self.guard.agree(loss_bad, grad_bad, grad_event)  # every rank skips the same steps
+        skip = flags.loss | flags.grad
         opt.found_inf = skip.float()
         opt.step()
         del opt.found_inf
@@ -225,7 +234,7 @@ class Engine(EngineState):
         param_bad = None
         if (self.step + 1) % cfg.nan_guard.check_params_every == 0:
             param_bad = ~all_finite([p.detach() for p in self.params])
-        self.guard.observe(loss_bad, grad_bad, param_bad, images)
+        self.guard.observe(loss_bad, flags, param_bad, images)
         return grad_norm
 
     def _read_guard(self, loss: torch.Tensor, stats: dict, grad_norm: torch.Tensor, images_per_s: float,
@@ -250,8 +259,13 @@ class Engine(EngineState):
             self._rollback()
         elif not any(report.new.values()):
             self._good_since_snapshot += report.good_steps
-            if self._good_since_snapshot >= guard.snapshot_every:
-                self._take_snapshot()
+            if self._good_since_snapshot >= guard.snapshot_every and bool(all_finite(self.params)):
+                self._take_snapshot()  # (weights unchecked since the last check_params_every step: check)
+        if self.dist.distributed:  # a stop one rank asked for (a hook) stops every rank at the same step
+            flag = ddp.all_reduce_(torch.tensor([int(self._stop is not None)], device=self.device), self.dist,
+                                   torch.distributed.ReduceOp.MAX)
+            if flag.item() and self._stop is None:
+                self._stop = "stopped by another rank"
         figures: dict[str, float] = {"good_steps": report.good_steps, "good_images": report.good_images}
         if log_figures:
             values = torch.stack([loss.detach().float(), grad_norm.detach().float(),
@@ -288,10 +302,14 @@ class Engine(EngineState):
                 self.best is None or (value > self.best if cfg.monitor_mode == "max" else value < self.best))
             if improved:
                 self.best, self.bad_epochs = value, 0
-            else:
+            elif value is None:
+                if not partial and self.epoch == 1:
+                    log.warning("%s: validation gives no %s (no val split, or no pairs in it): no best.pt and no "
+                                "early stopping in this run", self.task.stage, cfg.monitor)
+            elif not partial:  # a max_steps stop mid-epoch is not an epoch without improvement
                 self.bad_epochs += 1
+            self._call("on_epoch_end", record)  # before the checkpoint: a stop decided here is in it
             self.checkpoint(best=improved)
-            self._call("on_epoch_end", record)
         stop = ddp.broadcast_flag(self._stop is not None, self.dist, self.device)
         if stop and self._stop is None:
             self._stop = "stopped by rank 0"

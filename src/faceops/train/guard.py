@@ -28,6 +28,15 @@ _LOSS_HERE, _LOSS, _GRAD, _PARAM, _RUN, _WORST, _BAD, _IMAGES = range(8)
 
 
 @dataclass
+class StepFlags:
+    """One step's verdict, the same on every DDP rank (0-dim bool tensors on the device)."""
+
+    loss: torch.Tensor  # a non-finite loss on some rank
+    grad: torch.Tensor  # non-finite gradients (every rank sees the all-reduced ones)
+    grad_event: torch.Tensor  # ... that count as a NaN event (not an fp16 loss-scale overflow)
+
+
+@dataclass
 class GuardReport:
     new: dict[str, int]  # events since the last read, by kind (every rank's view)
     new_here: dict[str, int]  # ... of which this process's own losses (DDP metrics)
@@ -45,21 +54,33 @@ class NanGuard:
         self._to_inject = Counter(cfg.inject_steps)
 
     # -- on the device, every step
-    def observe(self, loss_bad: torch.Tensor, grad_bad: torch.Tensor, param_bad: torch.Tensor | None,
-                images: int) -> None:
-        """Count one optimiser step (all arguments are 0-dim bool tensors on the device)."""
+    def agree(self, loss_bad: torch.Tensor, grad_bad: torch.Tensor, grad_event: torch.Tensor) -> StepFlags:
+        """Every rank's flags (one all-reduce under DDP, none otherwise): all ranks skip the same steps and
+        count the same events, so rollbacks and the budget stay in step across ranks."""
+        if not self.dist.distributed:
+            return StepFlags(loss_bad, grad_bad, grad_event)
+        flags = all_reduce_(torch.stack([loss_bad, grad_bad, grad_event]).to(torch.int32), self.dist,
+                            torch.distributed.ReduceOp.MAX).bool()
+        return StepFlags(flags[0], flags[1], flags[2])
+
+    def observe(self, loss_here: torch.Tensor, flags: StepFlags, param_bad: torch.Tensor | None, images: int) -> None:
+        """Count one optimiser step; ``loss_here`` is this rank's own loss flag (the metric counts losses
+        where they happened)."""
         c = self._c
-        loss_any = all_reduce_(loss_bad.to(torch.int64), self.dist, torch.distributed.ReduceOp.MAX)
-        bad = loss_bad | grad_bad | loss_any.bool()
-        c[_LOSS_HERE] += loss_bad
-        c[_LOSS] += loss_any
-        c[_GRAD] += bad & ~loss_any.bool()
+        skipped = flags.loss | flags.grad
+        event = flags.loss | flags.grad_event
+        c[_LOSS_HERE] += loss_here
+        c[_LOSS] += flags.loss
+        c[_GRAD] += flags.grad_event & ~flags.loss
         if param_bad is not None:
             c[_PARAM] += param_bad
-        c[_RUN] = (c[_RUN] + 1) * bad
+        c[_RUN] = (c[_RUN] + 1) * event
         c[_WORST] = torch.maximum(c[_WORST], c[_RUN])
-        c[_BAD] += bad
-        c[_IMAGES] += (~bad) * images
+        c[_BAD] += skipped
+        c[_IMAGES] += (~skipped) * images
+
+    def resumed_at(self, step: int) -> None:
+        self._steps_at_read = step
 
     def inject(self, step: int, kind: str, rank: int) -> bool:
         """Fault injection: each entry of ``inject_steps`` poisons one batch of that step."""

@@ -67,7 +67,7 @@ class EarlyStopping(Hook):
         self.patience = patience
 
     def on_epoch_end(self, engine: Engine, record: dict[str, Any]) -> None:
-        if engine.bad_epochs >= self.patience:
+        if engine.bad_epochs >= self.patience and engine.best is not None:
             engine.request_stop(f"early stop: {engine.cfg.monitor} did not improve for {engine.bad_epochs} "
                                 f"epoch(s) (best {engine.best:.4f})")
 

@@ -22,7 +22,7 @@ from faceops.train.config import OptimConfig, ScheduleConfig
 
 def build_optimizer(cfg: OptimConfig, groups: dict[str, list[nn.Parameter]]) -> torch.optim.Optimizer:
     """One param group per name (``backbone`` takes ``backbone_lr``); frozen parameters left out."""
-    lrs = {"backbone": cfg.backbone_lr or cfg.lr, "head": cfg.lr}
+    lrs = {"backbone": cfg.lr if cfg.backbone_lr is None else cfg.backbone_lr, "head": cfg.lr}
     params = [{"params": [p for p in ps if p.requires_grad], "lr": lrs.get(name, cfg.lr), "name": name}
               for name, ps in groups.items()]
     params = [g for g in params if g["params"]]
@@ -46,7 +46,7 @@ def build_scheduler(cfg: ScheduleConfig, opt: torch.optim.Optimizer, total_steps
         g["lr"] = g["initial_lr"]
     total = max(1, total_steps)
     if cfg.name == "onecycle":
-        return sched.OneCycleLR(opt, max_lr=[g["initial_lr"] for g in opt.param_groups], total_steps=total + 1,
+        return sched.OneCycleLR(opt, max_lr=[g["initial_lr"] for g in opt.param_groups], total_steps=total,
                                 pct_start=cfg.pct_start, div_factor=cfg.div_factor,
                                 final_div_factor=cfg.final_div_factor)
     warm = min(cfg.warmup_steps, total - 1)

@@ -15,6 +15,7 @@ import torch
 
 from faceops.errors import TrainingError
 from faceops.train.checkpoint import CheckpointError, history_uri, load_newest_good, prune_history
+from faceops.train.optim import build_scheduler
 
 log = logging.getLogger("faceops.train.engine")  # one logger for the engine's messages
 SCHEDULE_FORMAT = 2  # torch's schedulers (format 1: a LambdaLR of faceops' own)
@@ -36,6 +37,7 @@ class EngineState:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "best": self.best, "bad_epochs": self.bad_epochs, "lr_scale": self.lr_scale,
             "base_lrs": dict(self.base_lrs), "total_steps": self.total_steps,
+            "configured_steps": self.configured_steps,
             "nan_events": dict(self.nan_events), "rollbacks": self.rollbacks, "history": self.history,
             "config": self.run_config, "dataset_hash": self.dataset_hash,
         }
@@ -48,13 +50,19 @@ class EngineState:
                                 "served or used as init_from, not resumed; train into a new --out")
         for k, m in self.modules.items():
             m.load_state_dict(s[k])
-        self.optimizer.load_state_dict(s["optimizer"])
         self.base_lrs, self.lr_scale, self.step = dict(s["base_lrs"]), s["lr_scale"], s["step"]
-        if s["total_steps"] == self.total_steps:
+        self.guard.resumed_at(self.step)
+        same_plan = s["configured_steps"] == self.configured_steps
+        if same_plan:  # the same run: its (possibly re-planned) schedule, built before the optimiser's LRs return
+            self.total_steps = s["total_steps"]
+            self.scheduler = build_scheduler(self.cfg.schedule, self.optimizer, self.total_steps,
+                                             self.steps_per_epoch)
+        self.optimizer.load_state_dict(s["optimizer"])
+        if same_plan:
             self.scheduler.load_state_dict(s["scheduler"])
         else:  # resumed with another length (max_steps/epochs changed): the schedule of the new length
-            log.info("%s: %s planned %d steps, this run %d: schedule re-planned at step %d", self.task.stage,
-                     source, s["total_steps"], self.total_steps, self.step)
+            log.info("%s: %s was configured for %d steps, this run %d: schedule re-planned at step %d",
+                     self.task.stage, source, s["configured_steps"], self.configured_steps, self.step)
             self._rebuild_schedule()
         self.scaler.load_state_dict(s["scaler"])
         for h in self.hooks:
@@ -119,7 +127,8 @@ class EngineState:
         (``faceops_checkpoint_corrupt_total``) and skipped; all of them corrupt is an error.
         """
         try:
-            found = load_newest_good(self.out_uri, self.device, on_bad=self._bad_checkpoint)
+            found = load_newest_good(self.out_uri, "cpu", on_bad=self._bad_checkpoint)  # RNG states must be
+            #   CPU tensors; load_state_dict moves the rest to where the modules and the optimiser live
         except CheckpointError as exc:
             raise TrainingError(f"{self.task.stage}: cannot resume: {exc}") from None
         if found is None:

@@ -22,6 +22,17 @@ from faceops.train.checkpoint import NonFiniteCheckpointError, save_checkpoint
 log = logging.getLogger(__name__)
 
 
+def _tensors(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _tensors(v)
+
+
 class CheckpointWriter:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="faceops-checkpoint")
@@ -48,9 +59,10 @@ class CheckpointWriter:
         self.wait()
         host = self._to_host(state, "")
         event = None
-        if torch.cuda.is_available() and any(b.is_pinned() for b in self._buffers.values()):
+        device = next((t.device for t in _tensors(state) if t.is_cuda), None)
+        if device is not None:  # the copies were queued on that device's stream: wait for them there
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(device))
         self._pending = self._pool.submit(self._write, host, uri, copies, event, done)
 
     @staticmethod
