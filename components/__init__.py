@@ -10,11 +10,13 @@ from faceops.components.stages import (
     evaluate_vlr,
     export,
     export_vlr,
+    finetune_bicubic,
     finetune_edgeface,
     ingest,
     train_dsr,
     train_recognizer,
+    vlr_roc,
 )
 
-__all__ = ["deploy", "evaluate", "evaluate_vlr", "export", "export_vlr", "finetune_edgeface", "ingest",
-           "train_dsr", "train_recognizer"]
+__all__ = ["deploy", "evaluate", "evaluate_vlr", "export", "export_vlr", "finetune_bicubic", "finetune_edgeface",
+           "ingest", "train_dsr", "train_recognizer", "vlr_roc"]

@@ -1,10 +1,13 @@
 """The components. Imports live inside the functions: KFP ships each function's source to its pod.
 
 ``run_root`` is the store URI of this run (``<store>/runs/<run_id>``); each step writes below it.
+The per-size steps of vlr_face (``train_dsr``, ``finetune_edgeface``, ``finetune_bicubic``,
+``vlr_roc``) run once per VLR size inside a ``dsl.ParallelFor``; the steps after the loop take their
+models as ``list[Model]`` (``dsl.Collected``), each model's size in its ``vlr_size`` metadata.
 """
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from faceops.images import image
 
@@ -75,15 +78,15 @@ def train_dsr(
     model: Output[Model],
     metrics: Output[Metrics],
 ):
-    """DSR super-resolution VLR -> HR with losses from the frozen recognizer."""
-    from faceops.stages import dsr_args, log_training, train_stage
+    """DSR super-resolution VLR -> HR (one VLR size) with losses from the frozen recognizer."""
+    from faceops.stages import dsr_stage, log_training
 
-    r = train_stage(
-        "dsr",
+    r = dsr_stage(
         dataset.metadata["uri"],
-        f"{run_root}/dsr_{vlr_size}",
+        recognizer.metadata["uri"],
+        run_root,
         config_yaml,
-        dsr_args(recognizer.metadata["uri"], vlr_size),
+        vlr_size,
         gpus_per_node=gpus_per_node,
         nodes=nodes,
         log_dir=log_dir,
@@ -159,6 +162,8 @@ def evaluate(
     log_dir: str,
     metrics: Output[Metrics],
     report: Output[HTML],
+    headline: Output[Markdown],
+    roc_hr: Output[ClassificationMetrics],
 ):
     """Verification + identification on the test split; report.html with ROC/DET/histograms."""
     from faceops.stages import evaluate_stage, log_evaluation
@@ -170,37 +175,60 @@ def evaluate(
         config_yaml,
         log_dir=log_dir,
     )
-    log_evaluation(r, metrics, report)
+    log_evaluation(r, metrics, report, headline, roc_hr)
 
 
 @dsl.component(base_image=TRAINER, install_kfp_package=INSTALL_KFP)
 def evaluate_vlr(
     dataset: Input[Dataset],
     recognizer: Input[Model],
-    dsr: Input[Model],
-    finetuned: Input[Model],
-    finetuned_bicubic: Input[Model],
+    dsr: Input[list[Model]],
+    finetuned: Input[list[Model]],
+    finetuned_bicubic: Input[list[Model]],
     config_yaml: str,
     run_root: str,
     log_dir: str,
     metrics: Output[Metrics],
     report: Output[HTML],
+    headline: Output[Markdown],
+    roc_hr: Output[ClassificationMetrics],
+    curves: Output[Artifact],
 ):
-    """HR / VLR-bicubic (+ fine-tuned: the control) / VLR-DSR (+ fine-tuned), SR metrics and sample grids."""
+    """Every VLR size at once: HR / VLR-bicubic (+ fine-tuned: the control) / VLR-DSR (+ fine-tuned),
+    SR metrics and sample grids; ``curves``: every setting's ROC curve, for ``vlr_roc``."""
     from faceops.stages import evaluate_stage, log_evaluation
+
+    def by_size(models) -> dict:
+        return {m.metadata["vlr_size"]: m.metadata["uri"] for m in models}
 
     r = evaluate_stage(
         recognizer.metadata["uri"],
         dataset.metadata["uri"],
         f"{run_root}/evaluation",
         config_yaml,
-        dsr_uris=[dsr.metadata["uri"]],
-        finetuned_uri=finetuned.metadata["uri"],
-        finetuned_bicubic_uri=finetuned_bicubic.metadata["uri"],
-        vlr_sizes=[dsr.metadata["vlr_size"]],
+        dsr_uris=[m.metadata["uri"] for m in dsr],
+        finetuned_uri=by_size(finetuned),
+        finetuned_bicubic_uri=by_size(finetuned_bicubic),
+        vlr_sizes=[m.metadata["vlr_size"] for m in dsr],
         log_dir=log_dir,
     )
-    log_evaluation(r, metrics, report)
+    log_evaluation(r, metrics, report, headline, roc_hr, curves)
+
+
+@dsl.component(base_image=SLIM, install_kfp_package=INSTALL_KFP)
+def vlr_roc(
+    curves: Input[Artifact],
+    vlr_size: str,
+    bicubic: Output[ClassificationMetrics],
+    bicubic_finetuned: Output[ClassificationMetrics],
+    dsr: Output[ClassificationMetrics],
+    dsr_finetuned: Output[ClassificationMetrics],
+):
+    """One VLR size's ROC curves from the evaluation, one ClassificationMetrics per setting."""
+    from faceops.stages import log_vlr_rocs
+
+    log_vlr_rocs(curves.path, vlr_size, {"bicubic": bicubic, "bicubic_finetuned": bicubic_finetuned, "dsr": dsr,
+                                         "dsr_finetuned": dsr_finetuned})
 
 
 @dsl.component(base_image=TRAINER, install_kfp_package=INSTALL_KFP)
@@ -232,7 +260,8 @@ def export(
 @dsl.component(base_image=TRAINER, install_kfp_package=INSTALL_KFP)
 def export_vlr(
     recognizer: Input[Model],
-    dsr: Input[Model],
+    dsr: Input[list[Model]],
+    finetuned: Input[list[Model]],
     dataset: Input[Dataset],
     config_yaml: str,
     repo_uri: str,
@@ -241,18 +270,20 @@ def export_vlr(
     log_dir: str,
     repo: Output[Model],
 ):
-    """Recognizer + DSR -> ONNX -> Triton repository with the `vlr_face` ensemble."""
+    """The HR recognizer as `recognizer`; per VLR size `dsr_<size>`, `recognizer_<size>` (fine-tuned on
+    that size's DSR outputs) and the `vlr_face_<size>` ensemble of the two -> ONNX -> Triton repository."""
     from faceops.stages import export_stage, log_export
 
     r = export_stage(
         recognizer.metadata["uri"],
         repo_uri,
         config_yaml,
-        dsr_uris=[dsr.metadata["uri"]],
+        dsr_uris=[m.metadata["uri"] for m in dsr],
         dataset_uri=dataset.metadata["uri"],
         int8=int8,
         trt=trt,
         log_dir=log_dir,
+        finetuned_uris={m.metadata["vlr_size"]: m.metadata["uri"] for m in finetuned},
     )
     log_export(r, repo_uri, repo)
 

@@ -14,9 +14,10 @@ from kfp import dsl
 DEFAULT_CONFIG = "arcface_resnet34"
 
 
-def build(cluster: ClusterConfig | None = None):
+def build(cluster: ClusterConfig | None = None, config_yaml: str | None = None):
+    """The pipeline; ``config_yaml`` (default: the packaged config) is its ``config_yaml`` default."""
     cluster = cluster or ClusterConfig()
-    default_yaml = default_config_text(DEFAULT_CONFIG)
+    default_yaml = default_config_text(DEFAULT_CONFIG, config_yaml)
 
     @dsl.pipeline(
         name="arcface-resnet34",

@@ -31,6 +31,7 @@ class ClusterConfig:
     env_configmap: str = "faceops-env"  # the chart's ConfigMap: FACEOPS_PUSHGATEWAY, _TRITON_URL, _TRITON_GPUS
     shm_size: str = "2Gi"  # /dev/shm emptyDir (medium Memory) for DataLoader workers
     cache_training: bool = False  # KFP caching of training steps (ingest is always cached)
+    size_parallelism: int = 0  # VLR sizes trained at once (vlr_face's ParallelFor; 0: all); locally 1
     retries: int = 2  # retries of each task on transient failure
     cpu_request: str = "2"
     memory_request: str = "8G"
@@ -42,16 +43,23 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         check(self.gpus_per_task >= 1, "cluster.gpus_per_task must be >= 1")
         check(self.retries >= 0, "cluster.retries must be >= 0")
+        check(self.size_parallelism >= 0, "cluster.size_parallelism must be >= 0 (0: every size at once)")
 
 
-def default_config_text(name: str) -> str:
-    """A packaged config as one-line JSON (valid YAML): KFP writes parameter defaults into the
-    compiled file's header comment, where a multi-line default would break the YAML."""
+def config_document(name: str, config_yaml: str | None = None) -> dict:
+    """The config a pipeline is built with: ``config_yaml`` (a run's config text), else packaged
+    config ``name``."""
+    from faceops.config import packaged_config, parse_yaml, read_yaml
+
+    return parse_yaml(config_yaml, "<pipeline config>") if config_yaml else read_yaml(packaged_config(name))
+
+
+def default_config_text(name: str, config_yaml: str | None = None) -> str:
+    """A packaged config (or ``config_yaml``) as one-line JSON (valid YAML): KFP writes parameter
+    defaults into the compiled file's header comment, where a multi-line default would break the YAML."""
     import json
 
-    from faceops.config import packaged_config, read_yaml
-
-    return json.dumps(read_yaml(packaged_config(name)), separators=(",", ":"))
+    return json.dumps(config_document(name, config_yaml), separators=(",", ":"))
 
 
 def ingest_and_train(cluster: ClusterConfig, *, config_yaml, source, dataset_name, store_uri, run_root,

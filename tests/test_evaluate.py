@@ -22,6 +22,7 @@ from faceops.data.prepare import PrepareConfig
 from faceops.data.reader import load_split
 from faceops.data.synth import synthesize
 from faceops.data.tensors import to_input
+from faceops.errors import FaceopsError
 from faceops.evaluate import FAR_TARGETS, SETTINGS, Embedder, evaluate, load_embedder, summary_table
 from faceops.evaluate.data import PairSet, load_face
 from faceops.evaluate.models import torch_forward
@@ -133,7 +134,7 @@ def test_cli_vlr_run_writes_metrics_and_report(world: dict, tmp_path: Path, caps
                 {k: sr_ft[k] for k in SR_KEYS - {"identity_cosine"}}
             assert per_size[images]["verification"] != per_size[f"{images}_finetuned"]["verification"]
     page = (out / "report.html").read_text()
-    pngs = re.findall(r"src='([^']+\.png)'", page)
+    pngs = re.findall(r"src=[\"']([^\"']+\.png)[\"']", page)
     assert {"roc.png", "det.png", "samples_32x32.png", "samples_14x16.png"} <= set(pngs)
     assert len([p for p in pngs if p.startswith("hist_")]) == 1 + 2 * 4
     for png in pngs:
@@ -145,6 +146,37 @@ def test_cli_vlr_run_writes_metrics_and_report(world: dict, tmp_path: Path, caps
     assert f"<td>32x32 bicubic_finetuned</td><td>{acc}</td>" in page
     printed = capsys.readouterr().out
     assert "setting" in printed and "14x16 dsr_finetuned" in printed and "14x16 bicubic_finetuned" in printed
+
+
+def test_each_size_its_own_fine_tuned_recognizers_and_the_kfp_views(world: dict, tmp_path: Path) -> None:
+    """A pipeline's evaluation: per size its own fine-tuned pair ({size: URI}); roc.json holds every
+    setting's ROC curve in at most ROC_POINTS points, and the Markdown table has a row per setting."""
+    from faceops.evaluate.runner import ROC_FILE, ROC_POINTS, headline_markdown, roc_points
+
+    dsr14, _ = _dsr_ckpt(world["root"] / "dsr14.pt", "14x16", 3)
+    out = tmp_path / "eval"
+    metrics = evaluate(str(world["rec"]), out, data=world["dataset"], dsr=[str(world["dsr32"]), str(dsr14)],
+                       finetuned={"32x32": str(world["ft"]), "14x16": str(world["ft_bicubic"])},
+                       finetuned_bicubic={"32x32": str(world["ft_bicubic"])}, cfg=EvalConfig(batch_size=16))
+    assert tuple(metrics["vlr"]["32x32"]) == SETTINGS
+    assert tuple(metrics["vlr"]["14x16"]) == ("hr", "bicubic", "dsr", "dsr_finetuned")  # no 14x16 control given
+    rocs = json.loads((out / ROC_FILE).read_text())
+    assert set(rocs) == {"hr", "vlr"} and set(rocs["vlr"]["14x16"]) == {"bicubic", "dsr", "dsr_finetuned"}
+    for points in (rocs["hr"], *rocs["vlr"]["32x32"].values()):
+        assert len(points["fpr"]) == len(points["tpr"]) == len(points["threshold"]) <= ROC_POINTS
+        assert (points["fpr"][0], points["tpr"][0], points["fpr"][-1], points["tpr"][-1]) == (0.0, 0.0, 1.0, 1.0)
+        assert all(math.isfinite(t) for t in points["threshold"]) and points["threshold"] == sorted(
+            points["threshold"], reverse=True)
+    many = roc_points(np.linspace(0, 1, 5000), np.arange(5000) % 2 == 0)
+    assert len(many["fpr"]) == ROC_POINTS and many["fpr"][-1] == 1.0
+    table = headline_markdown(metrics).splitlines()
+    assert table[0].startswith("| setting |") and table[1].startswith("|---")
+    assert [row.split("|")[1].strip() for row in table[2:]] == [
+        "HR", "32x32 bicubic", "32x32 bicubic_finetuned", "32x32 dsr", "32x32 dsr_finetuned", "14x16 bicubic",
+        "14x16 dsr", "14x16 dsr_finetuned"]
+    with pytest.raises(FaceopsError, match=r"VLR size\(s\) \['16x16'\], which are not evaluated"):
+        evaluate(str(world["rec"]), tmp_path / "bad", data=world["dataset"], dsr=[str(world["dsr32"])],
+                 finetuned={"16x16": str(world["ft"])})
 
 
 def test_checkpoint_and_onnx_give_the_same_figures(world: dict, tmp_path: Path) -> None:

@@ -206,6 +206,37 @@ def test_two_vlr_sizes_get_size_specific_names(tmp_path):
     assert list(config.input[0].dims) == [3, 16, 14]
 
 
+def test_each_size_serves_its_own_recognizer_behind_its_ensemble(tmp_path):
+    """The pipeline's export: `recognizer` is the HR one; per size `recognizer_<size>` (fine-tuned on that
+    size's DSR outputs) behind `vlr_face_<size>`, pinned to the versions written with it (one size too)."""
+    hr, tuned = tiny_recognizer(), {s: tiny_recognizer() for s in ("32x32", "14x16")}
+    torch.manual_seed(5)
+    for module in tuned.values():  # distinct weights: the served graphs must be the size's own
+        for p in module.parameters():
+            p.data.add_(0.01 * torch.randn_like(p))
+    repo = tmp_path / "repo"
+    cfg = ExportConfig(parity_batch=2)
+    dsrs = {"32x32": tiny_dsr("32x32"), "14x16": tiny_dsr("14x16")}
+    export_modules(hr, str(repo), dsrs, cfg)  # an earlier export: the ensembles then pin version 2
+    report = export_modules(hr, str(repo), dsrs, cfg, finetuned=tuned)
+    assert {"recognizer", "recognizer_32x32", "recognizer_14x16", "dsr_32x32", "dsr_14x16", "vlr_face_32x32",
+            "vlr_face_14x16", "vlr_fused_32x32", "vlr_fused_14x16"} == set(report["models"])
+    configs = validate_repository(open_store(str(repo)))
+    for size in ("32x32", "14x16"):
+        steps = configs[f"vlr_face_{size}"].ensemble_scheduling.step
+        assert [(s.model_name, s.model_version) for s in steps] == [(f"dsr_{size}", 2), (f"recognizer_{size}", 1)]
+    faces = to_input(synth_faces(people=2, per_person=1)[0]).numpy()
+    served = run_onnx(repo / "recognizer_14x16" / "1" / "model.onnx", faces)
+    with torch.no_grad():
+        assert np.abs(served - tuned["14x16"](torch.from_numpy(faces)).numpy()).max() < 1e-4
+        assert np.abs(served - hr(torch.from_numpy(faces)).numpy()).max() > 1e-3
+    one = export_modules(hr, str(tmp_path / "one"), {"32x32": tiny_dsr()}, cfg, finetuned={"32x32": tuned["32x32"]})
+    assert {"recognizer", "recognizer_32x32", "vlr_face_32x32"} <= set(one["models"])
+    assert "vlr_face" not in one["models"]  # a size with its own recognizer is named by size, even alone
+    with pytest.raises(FaceopsError, match=r"\['14x16'\] without a DSR model"):
+        export_modules(hr, str(tmp_path / "stray"), {"32x32": tiny_dsr()}, cfg, finetuned={"14x16": hr})
+
+
 def test_repository_written_to_s3_store(s3_bucket):
     repo = f"{s3_bucket}/models"
     export_modules(tiny_recognizer(), repo, {"32x32": tiny_dsr()})

@@ -1,6 +1,7 @@
 """Pipelines: compiled IR carries the cluster settings, the checked-in YAML is current, and both
 pipelines run end to end through kfp's local runner (the README's main job included)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,16 @@ def _load(path: Path) -> tuple[dict, dict]:
     return docs[0], (docs[1] if len(docs) > 1 else {})
 
 
+def _leaf_tasks(spec: dict, dag: dict | None = None):
+    """(name, task) of every container task, those inside ParallelFor loops (sub-DAGs) included."""
+    for name, task in (dag or spec["root"]["dag"])["tasks"].items():
+        component = spec["components"][task["componentRef"]["name"]]
+        if "dag" in component:
+            yield from _leaf_tasks(spec, component["dag"])
+        else:
+            yield name, task
+
+
 @pytest.mark.parametrize("name", sorted(GPU_TASKS))
 def test_checked_in_yaml_equals_fresh_compile(name, tmp_path, monkeypatch):
     monkeypatch.delenv("FACEOPS_IMAGE_REGISTRY", raising=False)
@@ -38,7 +49,8 @@ def test_checked_in_yaml_equals_fresh_compile(name, tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", sorted(GPU_TASKS))
 def test_ir_cluster_settings(name):
     spec, platform = _load(REPO / "pipelines" / f"{name}.yaml")
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = dict(_leaf_tasks(spec))
+    assert GPU_TASKS[name] <= set(tasks)
     execs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     images = {image(role) for role in IMAGES}
     for task_name, task in tasks.items():
@@ -69,6 +81,37 @@ def test_ir_cluster_settings(name):
     assert "SECRET_KEY:" not in text.replace("FACEOPS_S3_SECRET_KEY", "")  # no credential values
 
 
+def _outputs(spec: dict, task: str) -> dict[str, str]:
+    """A task's output artifacts -> their schema titles."""
+    component = spec["components"][dict(_leaf_tasks(spec))[task]["componentRef"]["name"]]
+    return {k: v["artifactType"]["schemaTitle"] for k, v in component["outputDefinitions"]["artifacts"].items()}
+
+
+def test_ir_trains_every_vlr_size_in_a_loop_and_shows_the_evaluation_in_kfp_ui():
+    """vlr_face: the per-size steps run in a ParallelFor over `vlr_sizes` (the config's ingest sizes),
+    their models reach evaluation and export collected; the evaluation publishes Metrics, a Markdown
+    table and ROC curves (ClassificationMetrics: HR there, each VLR setting in the per-size vlr-roc)."""
+    spec, _ = _load(REPO / "pipelines" / "vlr_face.yaml")
+    assert spec["root"]["inputDefinitions"]["parameters"]["vlr_sizes"]["defaultValue"] == ["32x32", "14x16"]
+    loops = {name: task for name, task in spec["root"]["dag"]["tasks"].items() if "parameterIterator" in task}
+    bodies = {frozenset(spec["components"][t["componentRef"]["name"]]["dag"]["tasks"]) for t in loops.values()}
+    assert bodies == {frozenset({"train-dsr", "finetune-edgeface", "finetune-bicubic"}), frozenset({"vlr-roc"})}
+    for task in loops.values():
+        assert task["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--vlr_sizes"
+        assert "parallelismLimit" not in task.get("iteratorPolicy", {})  # a cluster runs every size at once
+    evaluate = spec["root"]["dag"]["tasks"]["evaluate-vlr"]["inputs"]["artifacts"]
+    for name in ("dsr", "finetuned", "finetuned_bicubic"):
+        assert "taskOutputArtifact" in evaluate[name], name  # collected from the loop
+    assert _outputs(spec, "evaluate-vlr") == {
+        "metrics": "system.Metrics", "report": "system.HTML", "headline": "system.Markdown",
+        "roc_hr": "system.ClassificationMetrics", "curves": "system.Artifact"}
+    assert _outputs(spec, "vlr-roc") == dict.fromkeys(
+        ("bicubic", "bicubic_finetuned", "dsr", "dsr_finetuned"), "system.ClassificationMetrics")
+    arcface, _ = _load(REPO / "pipelines" / "arcface_resnet34.yaml")
+    assert {"system.Metrics", "system.Markdown", "system.ClassificationMetrics"} <= set(
+        _outputs(arcface, "evaluate").values())
+
+
 def test_cpu_cluster_has_no_gpu_settings(tmp_path):
     out = compile_pipeline("arcface_resnet34", str(tmp_path / "cpu.yaml"))
     spec, platform = _load(out)
@@ -89,38 +132,84 @@ def test_run_arcface_resnet34_local(tmp_path, capsys):
     assert "report" in out and str(tmp_path / "logs") in out
 
 
+SIZES = ("32x32", "14x16")
+PER_SIZE_STEPS = ("train-dsr", "finetune-edgeface", "finetune-bicubic", "vlr-roc")
+
+
 @pytest.mark.slow
 def test_main_job_from_readme_runs_vlr_face(tmp_path):
-    """The README's main-job command (scripts/demo.sh -> faceops run vlr_face), tiny settings: the VLR
-    table has five rows, the control (recognizer fine-tuned on bicubic faces) among them."""
+    """The README's main-job command (scripts/demo.sh -> faceops run vlr_face), tiny settings at both VLR
+    sizes: each size's table has five rows, the control (recognizer fine-tuned on bicubic faces) among
+    them; each size is served as vlr_face_<size>; the KFP UI's outputs (ROC curves, Markdown) parse."""
     from test_run_view import check_clean_view
 
     from faceops.train.checkpoint import load_checkpoint
 
-    r = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--config", str(TINY), "--out", str(tmp_path)],
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["ingest"]["degrade"]["sizes"] = list(SIZES)
+    config = tmp_path / "tiny_two_sizes.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--config", str(config), "--out", str(out)],
                        capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    tasks = sorted(p.name for p in next((tmp_path / "kfp").iterdir()).iterdir())
-    assert {"ingest", "train-recognizer", "train-dsr", "finetune-bicubic", "deploy"} <= set(tasks)
-    check_clean_view(r.stdout + r.stderr, tasks, tmp_path)  # one line per step start and end, <= 60 lines
-    run = tmp_path / "store" / "runs" / "run"
-    for rel in ("recognizer/last.pt", "dsr_32x32/best.pt", "recognizer_finetuned/last.pt",
-                "recognizer_finetuned_bicubic/last.pt", "evaluation/metrics.json", "evaluation/report.html"):
+    root = next((out / "kfp").iterdir())
+    tasks = sorted(p.name for p in root.iterdir() if not p.name.startswith("for-loop"))
+    assert {"ingest", "train-recognizer", "evaluate-vlr", "export-vlr", "deploy"} <= set(tasks)
+    steps = tasks + [f"{step}[{size}]" for step in PER_SIZE_STEPS for size in SIZES]
+    check_clean_view(r.stdout + r.stderr, steps, out)  # one line per step start and end, <= 60 lines
+    run = out / "store" / "runs" / "run"
+    for size in SIZES:
+        for rel in (f"dsr_{size}/best.pt", f"recognizer_finetuned_{size}/last.pt",
+                    f"recognizer_finetuned_bicubic_{size}/last.pt"):
+            assert (run / rel).is_file(), rel
+        for log in ("train_dsr", "finetune_edgeface", "finetune_bicubic"):
+            assert (out / "logs" / f"{log}_{size}.log").is_file(), (log, size)
+        assert load_checkpoint(str(run / f"recognizer_finetuned_{size}" / "last.pt"))["vlr_size"] == size
+    for rel in ("recognizer/last.pt", "evaluation/metrics.json", "evaluation/report.html"):
         assert (run / rel).is_file(), rel
     metrics = yaml.safe_load((run / "evaluation" / "metrics.json").read_text())
-    table = metrics["vlr"]["32x32"]
-    assert list(table) == ["hr", "bicubic", "bicubic_finetuned", "dsr", "dsr_finetuned"]
-    for kind in ("bicubic", "bicubic_finetuned", "dsr", "dsr_finetuned"):
-        assert {"accuracy", "accuracy_se", "tar_at_far"} <= set(table[kind]["verification"])
-        assert {"rank1", "rank1_se"} <= set(table[kind]["identification"])
-        assert {"psnr", "ssim", "psnr_y", "ssim_y"} <= set(table[kind]["super_resolution"])
-    control = load_checkpoint(str(run / "recognizer_finetuned_bicubic" / "last.pt"))
-    assert (control["upsample"], control["dsr"]) == ("bicubic", None)
-    assert "32x32 bicubic_finetuned" in r.stdout  # the summary table
-    assert (tmp_path / "logs" / "finetune_bicubic.log").is_file()
-    repo = tmp_path / "store" / "triton"
-    assert {p.name for p in repo.iterdir()} >= {"recognizer", "dsr", "vlr_face"}
+    assert list(metrics["vlr"]) == list(SIZES)
+    for table in metrics["vlr"].values():
+        assert list(table) == ["hr", "bicubic", "bicubic_finetuned", "dsr", "dsr_finetuned"]
+        for kind in ("bicubic", "bicubic_finetuned", "dsr", "dsr_finetuned"):
+            assert {"accuracy", "accuracy_se", "tar_at_far"} <= set(table[kind]["verification"])
+            assert {"rank1", "rank1_se"} <= set(table[kind]["identification"])
+            assert {"psnr", "ssim", "psnr_y", "ssim_y"} <= set(table[kind]["super_resolution"])
+    control = load_checkpoint(str(run / "recognizer_finetuned_bicubic_14x16" / "last.pt"))
+    assert (control["upsample"], control["dsr"], control["vlr_size"]) == ("bicubic", None, "14x16")
+    assert "32x32 bicubic_finetuned" in r.stdout and "14x16 dsr_finetuned" in r.stdout  # the summary table
+    repo = out / "store" / "triton"
+    served = {f"{m}_{s}" for m in ("dsr", "recognizer", "vlr_face", "vlr_fused") for s in SIZES} | {"recognizer"}
+    assert {p.name for p in repo.iterdir()} == served
+    assert f"{len(served)} models ready on Triton" in r.stdout  # the deploy step checked every one
     assert "faceops run vlr_face: done" in r.stdout
+    check_kfp_ui_outputs(root, metrics)
+
+
+def _artifacts(task_dir: Path) -> dict[str, dict]:
+    """What a local task published: output name -> {uri, metadata} (executor_output.json)."""
+    output = json.loads((task_dir / "executor_output.json").read_text())
+    return {name: entry["artifacts"][0] for name, entry in output["artifacts"].items()}
+
+
+def check_kfp_ui_outputs(root: Path, metrics: dict) -> None:
+    """The evaluation as the KFP UI shows it: scalar Metrics, a Markdown table, ROC curves per setting."""
+    evaluation = _artifacts(root / "evaluate-vlr")
+    assert evaluation["metrics"]["metadata"]["vlr.14x16.dsr_finetuned.verification.accuracy"] == \
+        metrics["vlr"]["14x16"]["dsr_finetuned"]["verification"]["accuracy"]
+    table = Path(evaluation["headline"]["uri"]).read_text().splitlines()
+    assert table[0].startswith("| setting |") and len(table) == 2 + 1 + 4 * len(SIZES)
+    rocs = [evaluation["roc_hr"]]
+    for iteration, size in enumerate(SIZES):
+        per_size = _artifacts(next(root.glob(f"for-loop-*-iteration-{iteration}/vlr-roc")))
+        assert {a["metadata"]["setting"] for a in per_size.values()} == {
+            f"{size} {kind}" for kind in ("bicubic", "bicubic_finetuned", "dsr", "dsr_finetuned")}
+        rocs += per_size.values()
+    for roc in rocs:
+        points = roc["metadata"]["confidenceMetrics"]
+        assert 2 <= len(points) <= 200
+        assert {"confidenceThreshold", "recall", "falsePositiveRate"} == set(points[0])
 
 
 @pytest.mark.slow
@@ -192,6 +281,11 @@ def test_params_take_the_pipelines_own_input_types(name):
         typed_params(pipeline, {"gpus_per_node": "four"})
     with pytest.raises(ConfigError, match=r"no parameter 'gpu_per_node'"):
         typed_params(pipeline, {"gpu_per_node": "4"})
+    if "vlr_sizes" in pipeline.component_spec.inputs:
+        for text in ('["32x32", "14x16"]', "32x32,14x16"):
+            assert typed_params(pipeline, {"vlr_sizes": text}) == {"vlr_sizes": ["32x32", "14x16"]}
+        with pytest.raises(ConfigError, match="vlr_sizes is list"):
+            typed_params(pipeline, {"vlr_sizes": '["32x32"'})
     if "int8" in pipeline.component_spec.inputs:
         assert typed_params(pipeline, {"int8": "true"}) == {"int8": True}
         with pytest.raises(ConfigError, match="int8 is boolean"):

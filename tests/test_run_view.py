@@ -105,6 +105,39 @@ def test_one_line_per_step_start_and_end_with_its_figures(tmp_path):
     assert not any(noise in console.text for noise in NOISE)
 
 
+def test_each_iteration_of_a_parallel_for_is_its_own_step_labelled_with_its_size(tmp_path):
+    """vlr_face trains every VLR size in a ParallelFor: kfp names each iteration's task alike; the view
+    labels the n-th run with the n-th size and reads its figures from that iteration's folder."""
+    for i, size in enumerate(("32x32", "14x16")):
+        history = [{"val_psnr": 20.0 + i, "val_identity_cosine": 0.5}]
+        _task(tmp_path, f"for-loop-2-iteration-{i}/train-dsr",
+              {"model": ({"uri": "d", "vlr_size": size}, {"history": history, "steps": 4, "vlr_size": size,
+                                                         "nan_events": {}})})
+    clock, console = Clock(), Console()
+    view = RunView(console, tmp_path, live=False, now=clock, loops={"train-dsr": ["32x32", "14x16"]})
+    for _ in range(2):
+        for line in _kfp_lines("train-dsr"):
+            view.feed(line)
+            clock.t += 1.0
+    lines = [ln.split(None, 2) for ln in console.lines()]
+    assert [ln[:2] for ln in lines] == [["train-dsr[32x32]", "started"], ["train-dsr[32x32]", "done"],
+                                        ["train-dsr[14x16]", "started"], ["train-dsr[14x16]", "done"]]
+    assert "best val PSNR 20.00 dB" in lines[1][2] and "32x32" in lines[1][2]
+    assert "best val PSNR 21.00 dB" in lines[3][2] and "14x16" in lines[3][2]
+
+
+def test_loop_items_come_from_the_run_arguments_or_the_default():
+    from faceops.pipelines.vlr_face import build
+
+    from faceops.run import loop_items
+
+    pipeline = build()
+    default = loop_items(pipeline, {})
+    assert default == dict.fromkeys(("train-dsr", "finetune-edgeface", "finetune-bicubic", "vlr-roc"),
+                                    ["32x32", "14x16"])
+    assert loop_items(pipeline, {"vlr_sizes": ["24x24"]})["vlr-roc"] == ["24x24"]
+
+
 def test_a_failed_step_and_a_cached_one(tmp_path):
     console = Console()
     view = RunView(console, tmp_path, live=False, now=Clock())
@@ -198,6 +231,19 @@ def test_failure_without_a_step_log_names_the_exception_in_the_runner_log(tmp_pa
                            "\x1b[96m'finetune-edgeface'\x1b[0m.", tmp_path)
     assert msg == (f"step 'finetune-edgeface' failed: ImportError: cannot import name 'finetune_args' from "
                    f"'faceops.stages' (log: {kfp_log})")
+
+
+def test_a_failed_iteration_is_named_with_its_size_log(tmp_path):
+    """A step inside the ParallelFor writes one log per size; the failure points to the newest one."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "train_dsr_32x32.log").write_text("10:00:00 INFO faceops: fine\n")
+    failed = logs / "train_dsr_14x16.log"
+    failed.write_text("10:01:00 ERROR faceops.stages: stage train_dsr_14x16 failed: no view vlr_14x16\n")
+    os.utime(logs / "train_dsr_32x32.log", (1, 1))
+    msg = _failure_message("Pipeline \x1b[95m'vlr-face'\x1b[0m finished with status FAILURE. Inner task failed: "
+                           "\x1b[96m'train-dsr'\x1b[0m inside \x1b[96m'for-loop-1-iteration-1'\x1b[0m.", tmp_path)
+    assert msg == f"step 'train-dsr' failed: stage train_dsr_14x16 failed: no view vlr_14x16 (log: {failed})"
 
 
 def test_summary_of_a_bucket_run_prints_its_uris(tmp_path):

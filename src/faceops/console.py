@@ -7,7 +7,8 @@ nothing locally. :class:`OutputCapture` routes all of it, at the file-descriptor
 subprocesses, and loggers hold streams from before the run), into ``<out>/logs/kfp.log``;
 :class:`RunView` follows task starts and ends in that stream, and reads a finished task's figures from
 what it wrote under the pipeline root (``executor_output.json`` and its artifact files), the same
-outputs the KFP UI shows on a cluster.
+outputs the KFP UI shows on a cluster. A step inside a ``dsl.ParallelFor`` runs once per item (a VLR
+size): each run is its own step, labelled with its item (``train-dsr[14x16]``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ FIGURE = re.compile(r"(\w+)=(-?[\d.]+(?:e-?\d+)?)")
 PROGRESS_FIGURES = ("val_accuracy", "val_psnr", "val_identity_cosine")  # shown on the progress line
 SETTINGS = {"hr": "HR", "bicubic": "bicubic", "bicubic_finetuned": "bicubic+FT", "dsr": "DSR",
             "dsr_finetuned": "DSR+FT"}  # metrics.json's VLR settings, in table order
-NAME_WIDTH = 18  # step names: the longest is finetune-edgeface
+NAME_WIDTH = 24  # step names: the longest is finetune-edgeface[32x32]
 BAR_WIDTH = 20
 REFRESH_S = 0.5  # terminal: how often the live line is redrawn
 PLAIN_PROGRESS_S = 60.0  # no terminal (CI): a step's first progress line after a minute, then at doubling
@@ -146,7 +147,7 @@ def _deploy(metrics: dict) -> str:
 
 def step_figures(task_dir: Path) -> str:
     """The few figures that say what a finished step found (empty when it left none)."""
-    parts = []
+    parts, rocs = [], []
     for metadata, content in task_outputs(task_dir).values():
         if isinstance(content, dict) and isinstance(content.get("summary"), dict) \
                 and "accepted" in content["summary"]:
@@ -159,6 +160,10 @@ def step_figures(task_dir: Path) -> str:
             parts.append(_evaluation(metadata))
         elif "models_ready" in metadata:
             parts.append(_deploy(metadata))
+        elif "confidenceMetrics" in metadata:  # a ClassificationMetrics artifact: one ROC curve
+            rocs.append(str(metadata.get("setting", "?")))
+    if rocs:
+        parts.append("ROC curves " + ", ".join(rocs))
     return "; ".join(p for p in parts if p)
 
 
@@ -166,8 +171,10 @@ def step_figures(task_dir: Path) -> str:
 
 @dataclass
 class _Step:
-    name: str
+    name: str  # as shown: the KFP task name, with the loop item of a ParallelFor iteration
     started: float
+    task: str = ""  # the KFP task name
+    iteration: int | None = None  # the ParallelFor iteration it runs in
     epoch: int = 0
     epochs: int = 0
     figures: str = ""
@@ -180,12 +187,15 @@ class RunView:
 
     ``live``: redraw one progress line for the running step (a terminal); otherwise print plain
     progress lines at growing intervals (``PLAIN_PROGRESS_S``). ``echo``: also show every line of the stream
-    (``faceops run -v``).
+    (``faceops run -v``). ``loops``: task name -> the items of the ParallelFor it runs in, in iteration
+    order (iterations run one after another: the n-th start of such a task is its n-th item).
     """
 
     def __init__(self, console: TextIO, pipeline_root: Path, *, live: bool, echo: bool = False,
-                 now: Callable[[], float] = time.monotonic):
+                 now: Callable[[], float] = time.monotonic, loops: dict[str, list[str]] | None = None):
         self.console, self.pipeline_root, self.live, self.echo, self.now = console, pipeline_root, live, echo, now
+        self.loops = loops or {}
+        self._starts: dict[str, int] = {}
         self.running: list[_Step] = []
         self.failed: list[str] = []
         self._lock = threading.RLock()
@@ -208,17 +218,23 @@ class RunView:
             elif m := EPOCH.search(text):
                 self._epoch(m)
 
-    def _start(self, name: str) -> None:
-        self.running.append(_Step(name, self.now(), shown=self.now()))
-        self._print(self._line(name, "started"))
+    def _start(self, task: str) -> None:
+        label, iteration = task, None
+        if task in self.loops:
+            iteration = self._starts[task] = self._starts.get(task, -1) + 1
+            items = self.loops[task]
+            label = f"{task}[{items[iteration]}]" if iteration < len(items) else task
+        self.running.append(_Step(label, self.now(), task, iteration, shown=self.now()))
+        self._print(self._line(label, "started"))
 
-    def _end(self, name: str, ok: bool) -> None:
-        step = next((s for s in self.running if s.name == name), None)
+    def _end(self, task: str, ok: bool) -> None:
+        step = next((s for s in self.running if s.task == task), None)
         if step:
             self.running.remove(step)
+        name = step.name if step else task
         elapsed = clock(self.now() - step.started) if step else "?"
         if ok:
-            figures = step_figures(self._task_dir(name))
+            figures = step_figures(self._task_dir(task, step.iteration if step else None))
             self._print(self._line(name, "done", elapsed, figures))
         else:
             self.failed.append(name)
@@ -228,14 +244,16 @@ class RunView:
         if not self.running:
             return
         stage = m[1].replace("_", "-")
-        step = next((s for s in reversed(self.running) if s.name == stage), self.running[-1])
+        step = next((s for s in reversed(self.running) if s.task == stage), self.running[-1])
         step.epoch, step.epochs = int(m[2]), int(m[3])
         figures = dict(FIGURE.findall(m[5]))
         step.figures = " ".join(f"{k} {float(figures[k]):.3f}" for k in PROGRESS_FIGURES if k in figures)
 
-    def _task_dir(self, name: str) -> Path:
-        """The newest ``<pipeline_root>/<pipeline run>/<task>`` (one --out may hold several runs)."""
-        found = [p.parent for p in self.pipeline_root.glob(f"*/{name}/executor_output.json")]
+    def _task_dir(self, name: str, iteration: int | None = None) -> Path:
+        """The newest ``<pipeline_root>/<pipeline run>/<task>`` (one --out may hold several runs); in a
+        ParallelFor, ``<pipeline run>/<loop>-iteration-<n>/<task>``."""
+        where = f"*/{name}" if iteration is None else f"*/*-iteration-{iteration}/{name}"
+        found = [p.parent for p in self.pipeline_root.glob(f"{where}/executor_output.json")]
         return max(found, key=lambda p: p.stat().st_mtime) if found else self.pipeline_root / name
 
     # progress
@@ -394,11 +412,12 @@ class Ticker:
 
 
 @contextmanager
-def watch_run(log_path: Path, pipeline_root: Path, *, verbose: bool = False) -> Iterator[RunView]:
+def watch_run(log_path: Path, pipeline_root: Path, *, verbose: bool = False,
+              loops: dict[str, list[str]] | None = None) -> Iterator[RunView]:
     """While a local run is inside: its output goes to ``log_path`` and the console shows the steps
-    (and, with ``verbose``, the whole output as well)."""
+    (and, with ``verbose``, the whole output as well); ``loops``: see :class:`RunView`."""
     capture = OutputCapture(log_path)
-    view = RunView(capture.console, pipeline_root, live=capture.tty and not verbose, echo=verbose)
+    view = RunView(capture.console, pipeline_root, live=capture.tty and not verbose, echo=verbose, loops=loops)
     capture.on_line = view.feed
     try:
         with capture, Ticker(view.tick, REFRESH_S if view.live else 1.0):

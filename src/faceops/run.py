@@ -4,6 +4,7 @@ cluster), compiled to KFP v2 YAML, or submitted to Kubeflow Pipelines."""
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import re
 import time
@@ -20,10 +21,10 @@ from faceops.pipelines.platform import ClusterConfig
 log = logging.getLogger(__name__)
 
 LOCAL_CONFIG = {"vlr_face": "demo", "arcface_resnet34": "arcface_resnet34"}  # `faceops run` defaults
-STAGE_LOGS = {  # KFP task name -> the stage log it writes
+STAGE_LOGS = {  # KFP task name -> the stage log it writes (a per-size step: <log>_<size>.log)
     "ingest": "ingest", "train-recognizer": "train_recognizer", "train-dsr": "train_dsr",
-    "finetune-edgeface": "finetune_edgeface", "evaluate": "evaluate", "evaluate-vlr": "evaluate",
-    "export": "export", "export-vlr": "export", "deploy": "deploy",
+    "finetune-edgeface": "finetune_edgeface", "finetune-bicubic": "finetune_bicubic", "evaluate": "evaluate",
+    "evaluate-vlr": "evaluate", "export": "export", "export-vlr": "export", "deploy": "deploy",
 }
 KFP_LOG = "kfp.log"  # in <out>/logs: everything the local runner and its tasks print
 EXCEPTION_LINE = re.compile(r"^[\w.]+(?:Error|Exception|Interrupt|Exit): ")  # a traceback's last line
@@ -61,11 +62,43 @@ def typed_params(pipeline, params: dict[str, str], what: str = "--param") -> dic
                 if text.lower() not in _TRUE | _FALSE:
                     raise ValueError
                 out[key] = text.lower() in _TRUE
+            elif kind == "List":
+                out[key] = _list(text)
             else:
                 out[key] = text
         except ValueError:
             raise config.ConfigError(f"{what} {key}={text}: {key} is {kind.lower()}, {text!r} is not") from None
     return out
+
+
+def _list(text: str) -> list:
+    """A list parameter: a JSON list (``["32x32","14x16"]``) or comma-separated items (``32x32,14x16``)."""
+    if text.strip().startswith("["):
+        value = json.loads(text)
+        if not isinstance(value, list):
+            raise ValueError
+        return value
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def loop_items(pipeline, arguments: dict) -> dict[str, list[str]]:
+    """KFP task name -> the items its ``dsl.ParallelFor`` runs it for, in order (what `faceops run`
+    labels each iteration's step with, e.g. ``train-dsr[14x16]``)."""
+    spec = pipeline.pipeline_spec
+    inputs = pipeline.component_spec.inputs or {}
+    loops: dict[str, list[str]] = {}
+    for task in spec.root.dag.tasks.values():
+        if task.WhichOneof("iterator") != "parameter_iterator":
+            continue
+        source = task.parameter_iterator.items
+        if source.WhichOneof("kind") == "raw":
+            items = json.loads(source.raw)
+        else:
+            param = task.inputs.parameters[source.input_parameter].component_input_parameter
+            items = arguments.get(param, inputs[param].default if param in inputs else None)
+        for name in spec.components[task.component_ref.name].dag.tasks:
+            loops[name] = [str(item) for item in items or []]
+    return loops
 
 
 def config_yaml(name: str, config_file: str | None, overrides: list[str] | None = None,
@@ -155,7 +188,8 @@ def run_local(name: str, *, config_file: str | None = None, overrides: list[str]
     from faceops.storage import StoreError
 
     text = config_yaml(name, config_file, overrides)  # checked before anything is written
-    pipeline = pipeline_module(name).build(ClusterConfig(retries=0))  # locally a failure is reported at once
+    # locally a failure is reported at once, and per-size steps run one after another (2 cores)
+    pipeline = pipeline_module(name).build(ClusterConfig(retries=0, size_parallelism=1), text)
     typed = typed_params(pipeline, params or {})
     if data and not data.startswith("s3://") and not Path(data).is_dir():
         raise FaceopsError(f"--data {data}: not a folder of <identity>/<image> files")
@@ -173,7 +207,7 @@ def run_local(name: str, *, config_file: str | None = None, overrides: list[str]
     print(f"faceops run {name}: output in {out_dir}\n  runner log: {logs / KFP_LOG}", flush=True)
     t0 = time.time()
     failure = None
-    with watch_run(logs / KFP_LOG, out_dir / "kfp", verbose=verbose):
+    with watch_run(logs / KFP_LOG, out_dir / "kfp", verbose=verbose, loops=loop_items(pipeline, args)):
         try:
             pipeline(**args)
         except RuntimeError as exc:
@@ -197,7 +231,7 @@ def _failure_message(text: str, out_dir: Path) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # kfp colours task names
     m = re.search(r"(?:[Tt]ask|failed:) '([\w-]+)'", text)
     task = m.group(1) if m else "?"
-    stage_log = out_dir / "logs" / f"{STAGE_LOGS.get(task, task.replace('-', '_'))}.log"
+    stage_log = _stage_log(out_dir / "logs", STAGE_LOGS.get(task, task.replace("-", "_")))
     cause = ""
     if stage_log.is_file():
         errors = [ln for ln in stage_log.read_text().splitlines() if " ERROR " in ln]
@@ -209,6 +243,15 @@ def _failure_message(text: str, out_dir: Path) -> str:
         if raised:
             cause, where = raised[-1], kfp_log
     return f"step '{task}' failed{': ' + cause if cause else ''} (log: {where})"
+
+
+def _stage_log(logs: Path, stage: str) -> Path:
+    """``<stage>.log``, or the newest ``<stage>_<size>.log`` of a per-size step."""
+    sized = [p for p in logs.glob(f"{stage}_*.log") if re.fullmatch(rf"{re.escape(stage)}_\d+x\d+\.log", p.name)]
+    plain = logs / f"{stage}.log"
+    if plain.is_file() or not sized:
+        return plain
+    return max(sized, key=lambda p: p.stat().st_mtime)
 
 
 def _task_output(log_text: str, task: str) -> list[str]:

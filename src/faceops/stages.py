@@ -102,10 +102,12 @@ def train_stage(task: str, dataset_uri: str, out_uri: str, config_yaml: str = ""
 
 
 def evaluate_stage(model_uri: str, dataset_uri: str, out_uri: str, config_yaml: str = "",
-                   dsr_uris: list[str] | None = None, finetuned_uri: str = "", finetuned_bicubic_uri: str = "",
-                   vlr_sizes: list[str] | None = None, log_dir: str = "") -> dict:
+                   dsr_uris: list[str] | None = None, finetuned_uri: str | dict[str, str] = "",
+                   finetuned_bicubic_uri: str | dict[str, str] = "", vlr_sizes: list[str] | None = None,
+                   log_dir: str = "") -> dict:
     """Evaluate into ``out_uri`` (a folder, or a store URI: written locally, then uploaded).
-    The result carries ``report_dir``, the local folder holding metrics.json and report.html.
+    ``finetuned_uri`` / ``finetuned_bicubic_uri``: one URI for every size, or ``{size: URI}``.
+    The result carries ``report_dir``, the local folder holding metrics.json, roc.json and report.html.
     The figures are also pushed as ``faceops_eval_metric`` when ``FACEOPS_PUSHGATEWAY`` is set, with
     the run id of ``out_uri`` (not of the local temporary folder a remote output is written to)."""
     from faceops.evaluate.runner import EvalConfig, evaluate
@@ -127,14 +129,17 @@ def evaluate_stage(model_uri: str, dataset_uri: str, out_uri: str, config_yaml: 
 
 
 def export_stage(model_uri: str, repo_uri: str, config_yaml: str = "", dsr_uris: list[str] | None = None,
-                 dataset_uri: str = "", int8: bool = False, trt: bool = False, log_dir: str = "") -> dict:
+                 dataset_uri: str = "", int8: bool = False, trt: bool = False, log_dir: str = "",
+                 finetuned_uris: dict[str, str] | None = None) -> dict:
+    """Export into the Triton repository ``repo_uri``; ``finetuned_uris`` (``{size: URI}``): each VLR
+    size's own recognizer, served as ``recognizer_<size>`` behind that size's ``vlr_face_<size>``."""
     from faceops.export.api import export_model
     from faceops.export.config import ExportConfig
 
     with stage_log(log_dir, "export"):
         cfg = section(ExportConfig, config_yaml, "export")
         return export_model(model_uri, repo_uri, int8=int8, trt=trt, dsr_uri=dsr_uris or None,
-                            calib_dataset=dataset_uri or None, cfg=cfg)
+                            calib_dataset=dataset_uri or None, cfg=cfg, finetuned_uri=finetuned_uris or None)
 
 
 def deploy_stage(repo_uri: str, dataset_uri: str = "", triton_url: str = "", log_dir: str = "") -> dict:
@@ -149,26 +154,44 @@ def deploy_stage(repo_uri: str, dataset_uri: str = "", triton_url: str = "", log
         return smoke_test(repo_uri, dataset_uri=dataset_uri or None, triton_url=url)
 
 
+def sized(name: str, vlr_size: str) -> str:
+    """A per-size name: a stage log (``train_dsr_32x32``) or an output folder under ``run_root``."""
+    return f"{name}_{vlr_size}"
+
+
 def dsr_args(recognizer_uri: str, vlr_size: str) -> list[str]:
-    """``--set`` overrides wiring DSR training to this run's recognizer and VLR size."""
+    """``--set`` overrides wiring DSR training to this run's recognizer and VLR size: the config's
+    ``dsr`` section applies to every size, ``dsr.vlr_size`` is the task's."""
     return [f"recognizer={recognizer_uri}", f"vlr_size={vlr_size}"]
 
 
-FINETUNE_OUT = {"dsr": "recognizer_finetuned", "bicubic": "recognizer_finetuned_bicubic"}  # under run_root
+def dsr_stage(dataset_uri: str, recognizer_uri: str, run_root: str, config_yaml: str, vlr_size: str,
+              gpus_per_node: int = 0, nodes: int = 1, log_dir: str = "") -> dict:
+    """Train the DSR model of one VLR size into ``<run_root>/dsr_<size>`` (log ``train_dsr_<size>``)."""
+    from faceops.train.registry import get_task
+
+    return train_stage("dsr", dataset_uri, f"{run_root}/{sized('dsr', vlr_size)}", config_yaml,
+                       dsr_args(recognizer_uri, vlr_size), gpus_per_node=gpus_per_node, nodes=nodes,
+                       log_dir=log_dir, stage=sized(get_task("dsr").stage, vlr_size))
+
+
+FINETUNE_OUT = {"dsr": "recognizer_finetuned", "bicubic": "recognizer_finetuned_bicubic"}  # + _<size>
 
 
 def finetune_stage(dataset_uri: str, recognizer_uri: str, run_root: str, config_yaml: str, vlr_size: str,
                    dsr_uri: str = "", gpus_per_node: int = 0, nodes: int = 1, log_dir: str = "") -> dict:
-    """Fine-tune this run's recognizer (config section ``finetune``) on DSR outputs of the VLR faces
-    or, without ``dsr_uri``, on their bicubic upsampling: the control with the same budget and
-    recipe, so the evaluation can tell what DSR adds from what the extra training adds."""
+    """Fine-tune this run's recognizer (config section ``finetune``, with ``finetune.vlr_size`` the
+    task's) on DSR outputs of the VLR faces or, without ``dsr_uri``, on their bicubic upsampling: the
+    control with the same budget and recipe, so the evaluation can tell what DSR adds from what the
+    extra training adds. Output ``<run_root>/recognizer_finetuned[_bicubic]_<size>``."""
     from faceops.train.finetune import STAGES
 
     upsample = "dsr" if dsr_uri else "bicubic"
     sets = [f"init_from={recognizer_uri}", f"vlr_size={vlr_size}", f"upsample={upsample}"]
     sets += [f"dsr={dsr_uri}"] if dsr_uri else []
-    return train_stage("finetune", dataset_uri, f"{run_root}/{FINETUNE_OUT[upsample]}", config_yaml, sets,
-                       gpus_per_node=gpus_per_node, nodes=nodes, log_dir=log_dir, stage=STAGES[upsample])
+    return train_stage("finetune", dataset_uri, f"{run_root}/{sized(FINETUNE_OUT[upsample], vlr_size)}",
+                       config_yaml, sets, gpus_per_node=gpus_per_node, nodes=nodes, log_dir=log_dir,
+                       stage=sized(STAGES[upsample], vlr_size))
 
 
 def log_training(result: dict, model, metrics, kind: str) -> None:
@@ -185,14 +208,46 @@ def log_training(result: dict, model, metrics, kind: str) -> None:
         json.dump(result, f, indent=1)
 
 
-def log_evaluation(result: dict, metrics, report) -> None:
-    """Evaluation figures to a Metrics artifact; report.html (PNGs inlined) to an HTML artifact."""
-    from faceops.evaluate.runner import flatten_metrics
+def log_evaluation(result: dict, metrics, report, headline=None, roc_hr=None, curves=None) -> None:
+    """What the KFP UI shows of an evaluation: every figure on a Metrics artifact, report.html (PNGs
+    inlined) on an HTML artifact and, where given, the settings table on a Markdown artifact, the HR
+    ROC curve on a ClassificationMetrics artifact and every curve (roc.json) on ``curves``, which
+    :func:`log_vlr_rocs` reads for the VLR settings."""
+    import shutil
 
-    for k, v in flatten_metrics({k: v for k, v in result.items() if k != "report_dir"}).items():
+    from faceops.evaluate.runner import ROC_FILE, flatten_metrics, headline_markdown
+
+    figures = {k: v for k, v in result.items() if k != "report_dir"}
+    for k, v in flatten_metrics(figures).items():
         metrics.log_metric(k, v)
-    Path(report.path).write_text(inline_images(Path(result["report_dir"]) / "report.html"))
+    report_dir = Path(result["report_dir"])
+    Path(report.path).write_text(inline_images(report_dir / "report.html"))
     report.metadata["uri"] = result["report_dir"]
+    if headline is not None:
+        Path(headline.path).write_text(headline_markdown(figures))
+    rocs = json.loads((report_dir / ROC_FILE).read_text())
+    if roc_hr is not None:
+        log_roc(roc_hr, rocs["hr"], "HR")
+    if curves is not None:
+        shutil.copyfile(report_dir / ROC_FILE, curves.path)
+
+
+def log_roc(artifact, points: dict, setting: str) -> None:
+    """One ROC curve (roc.json's points) on a KFP ClassificationMetrics artifact."""
+    artifact.log_roc_curve(points["fpr"], points["tpr"], points["threshold"])
+    artifact.metadata["setting"] = setting
+
+
+def log_vlr_rocs(curves_path: str, vlr_size: str, outputs: dict) -> None:
+    """The ROC curves of one VLR size's settings (``outputs``: setting -> ClassificationMetrics) from
+    an evaluation's roc.json; a setting the evaluation did not have is an error naming the ones it had."""
+    per_size = json.loads(Path(curves_path).read_text()).get("vlr", {}).get(vlr_size)
+    if per_size is None:
+        raise FaceopsError(f"the evaluation has no ROC curves for VLR size {vlr_size}")
+    for setting, artifact in outputs.items():
+        if setting not in per_size:
+            raise FaceopsError(f"the evaluation has no {vlr_size} {setting} setting (it has {', '.join(per_size)})")
+        log_roc(artifact, per_size[setting], f"{vlr_size} {setting}")
 
 
 def log_export(result: dict, repo_uri: str, repo) -> None:

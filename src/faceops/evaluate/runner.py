@@ -8,7 +8,8 @@ Settings evaluated (ARCHITECTURE.md, "Evaluation output"):
   bicubic faces), ``dsr`` (VLR -> DSR, base recognizer) and ``dsr_finetuned`` (VLR -> DSR ->
   recognizer fine-tuned on DSR outputs). ``bicubic_finetuned`` is the control for ``dsr_finetuned``
   (same fine-tune budget and recipe, no DSR): fine-tuning alone is extra training, and only the gap
-  between the two is what DSR adds. The upsampled settings also carry ``super_resolution``: PSNR/SSIM
+  between the two is what DSR adds. Each size may have its own fine-tuned recognizers (a pipeline
+  fine-tunes one pair per size). The upsampled settings also carry ``super_resolution``: PSNR/SSIM
   (RGB and Y) of the 112x112 image against HR, and the cosine between the setting's recognizer on it
   and the same recognizer on HR.
 
@@ -20,6 +21,10 @@ val split's pairs (see :mod:`.verification`).
 Faces are prepared as the models' input contracts say (:mod:`faceops.models.contract`): ``--images``
 needs no ingest config, one that contradicts the models is an error naming both values, and a dataset
 ingested differently from how the models were trained is refused.
+
+Beside them: ``roc.json``, every setting's ROC curve downsampled to at most ``ROC_POINTS`` points
+(what the pipeline logs as KFP ClassificationMetrics), and :func:`headline_markdown`, the settings
+table as Markdown (the pipeline's Markdown artifact).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from faceops.evaluate.models import (
 )
 from faceops.evaluate.report import Curve, plus_minus, setting_rows, write_report
 from faceops.evaluate.sr_metrics import sr_metrics
-from faceops.evaluate.verification import verification_metrics
+from faceops.evaluate.verification import roc_curve, verification_metrics
 from faceops.metrics import MetricsConfig, publish_evaluation, run_id_for
 from faceops.models.contract import (
     DEGRADE_FIELDS,
@@ -66,6 +71,8 @@ from faceops.models.contract import (
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+ROC_FILE = "roc.json"  # {"hr": points, "vlr": {size: {setting: points}}}; points: fpr, tpr, threshold
+ROC_POINTS = 200  # at most this many operating points per curve in roc.json (KFP's ROC view)
 SETTINGS = ("hr", "bicubic", "bicubic_finetuned", "dsr", "dsr_finetuned")
 FINETUNED = "_finetuned"  # a setting ``<images>_finetuned``: the images of ``<images>``, its own recognizer
 
@@ -97,13 +104,14 @@ class EvalConfig:
 class Models:
     recognizer: Embedder
     dsr: dict[str, SuperResolver] = field(default_factory=dict)  # per VLR size
-    finetuned: Embedder | None = None  # fine-tuned on DSR outputs
-    finetuned_bicubic: Embedder | None = None  # the control: fine-tuned on bicubic faces
+    finetuned: dict[str, Embedder] = field(default_factory=dict)  # per VLR size: fine-tuned on DSR outputs
+    finetuned_bicubic: dict[str, Embedder] = field(default_factory=dict)  # per size: the control (bicubic)
 
 
 def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str = "test",
              images: str | None = None, pairs: str | None = None, dsr: Sequence[str] = (),
-             finetuned: str | None = None, finetuned_bicubic: str | None = None, vlr: Sequence[str] = (),
+             finetuned: str | Mapping[str, str] | None = None,
+             finetuned_bicubic: str | Mapping[str, str] | None = None, vlr: Sequence[str] = (),
              cfg: EvalConfig | None = None, prepare: PrepareConfig | Mapping[str, Any] | None = None,
              degrade: DegradeConfig | Mapping[str, Any] | None = None, run_id: str | None = None) -> dict:
     """Evaluate and write ``out/metrics.json`` and ``out/report.html``; returns the metrics dict.
@@ -113,7 +121,8 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
     the keys given) only state what the caller expects, and one that contradicts a model is an error
     (for a model without a contract they are what it is assumed to take). Without ``vlr`` the DSR
     models' own sizes are evaluated. ``finetuned`` is the recognizer fine-tuned on DSR outputs,
-    ``finetuned_bicubic`` its control fine-tuned on bicubic faces. Every figure is also set as
+    ``finetuned_bicubic`` its control fine-tuned on bicubic faces: one URI for every size, or a
+    mapping ``{size: URI}`` (a size it does not name has no such setting). Every figure is also set as
     ``faceops_eval_metric`` (label ``run_id``: ``run_id``, default :func:`~faceops.metrics.run_id_for`
     of ``out``) and pushed when a Pushgateway is configured (``cfg.metrics`` or ``FACEOPS_PUSHGATEWAY``).
     """
@@ -131,12 +140,14 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
     if cfg.threshold == "val" and data is None:
         raise FaceopsError("evaluate.threshold=val needs a dataset's val split (--data); --images pairs use "
                            "their folds or seeded folds")
-    models = _load_models(model, list(dsr), finetuned, finetuned_bicubic, cfg)
-    sizes = list(vlr) or list(models.dsr)
+    by_size = super_resolvers_by_size(list(dsr), cfg.batch_size, cfg.device)
+    sizes = list(vlr) or list(by_size)
     for s in sizes:
         parse_size(s)
     if dsr:
-        require_sizes(models.dsr, sizes)
+        require_sizes(by_size, sizes)
+    models = _load_models(model, by_size, _per_size(finetuned, sizes, "finetuned"),
+                          _per_size(finetuned_bicubic, sizes, "finetuned_bicubic"), cfg)
     explicit, option = explicit_fields(prepare, degrade), OPTION
     if data is not None and not _recorded(models):  # old models: the dataset's faces are what they get
         explicit, option = explicit_fields(dataset_contract(data).prepare_config()), f"dataset {data}"
@@ -153,6 +164,7 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    (out / ROC_FILE).write_text(json.dumps(roc_document(curves)))
     info = {"model": model, "data": eval_data.source, "faces": len(eval_data.test),
             "pairs": len(eval_data.test.pairs), "flip": cfg.flip, "dsr": list(dsr), "finetuned": finetuned,
             "finetuned_bicubic": finetuned_bicubic, "input contract": hr_contract.describe(),
@@ -163,14 +175,30 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
     return metrics
 
 
-def _load_models(model: str, dsr: list[str], finetuned: str | None, finetuned_bicubic: str | None,
-                 cfg: EvalConfig) -> Models:
-    def embedder(uri: str | None) -> Embedder | None:
-        return load_embedder(uri, cfg.batch_size, cfg.flip, cfg.device) if uri else None
+def _per_size(uris: str | Mapping[str, str] | None, sizes: list[str], what: str) -> dict[str, str]:
+    """``{size: URI}`` from one URI for every size or a mapping, whose sizes must be evaluated."""
+    if not uris:
+        return {}
+    if isinstance(uris, str):
+        return dict.fromkeys(sizes, uris)
+    unknown = sorted(set(uris) - set(sizes))
+    if unknown:
+        raise FaceopsError(f"{what} models for VLR size(s) {unknown}, which are not evaluated (sizes: {sizes})")
+    return dict(uris)
 
-    by_size = super_resolvers_by_size(dsr, cfg.batch_size, cfg.device)
+
+def _load_models(model: str, by_size: dict[str, SuperResolver], finetuned: dict[str, str],
+                 finetuned_bicubic: dict[str, str], cfg: EvalConfig) -> Models:
+    loaded: dict[str, Embedder] = {}  # one URI serving several sizes is loaded once
+
+    def embedder(uri: str) -> Embedder:
+        if uri not in loaded:
+            loaded[uri] = load_embedder(uri, cfg.batch_size, cfg.flip, cfg.device)
+        return loaded[uri]
+
     rec = load_embedder(model, cfg.batch_size, cfg.flip, cfg.device)
-    return Models(rec, by_size, embedder(finetuned), embedder(finetuned_bicubic))
+    return Models(rec, by_size, {s: embedder(u) for s, u in finetuned.items()},
+                  {s: embedder(u) for s, u in finetuned_bicubic.items()})
 
 
 OPTION = "the given face preparation (--config ingest.prepare / ingest.degrade)"
@@ -178,8 +206,16 @@ OPTION = "the given face preparation (--config ingest.prepare / ingest.degrade)"
 
 def _recorded(models: Models) -> list:
     """The models that record an input contract."""
-    candidates = [models.recognizer, models.finetuned, models.finetuned_bicubic, *models.dsr.values()]
-    return [m for m in candidates if m is not None and m.contract is not None]
+    candidates = [models.recognizer, *_tuned(models), *models.dsr.values()]
+    return [m for m in candidates if m.contract is not None]
+
+
+def _tuned(models: Models) -> list[Embedder]:
+    """The fine-tuned recognizers, each once (one may serve several sizes)."""
+    seen: dict[int, Embedder] = {}
+    for e in (*models.finetuned.values(), *models.finetuned_bicubic.values()):
+        seen.setdefault(id(e), e)
+    return list(seen.values())
 
 
 def apply_contracts(models: Models, explicit: Mapping[str, Any], sizes: list[str],
@@ -187,8 +223,9 @@ def apply_contracts(models: Models, explicit: Mapping[str, Any], sizes: list[str
     """Set every model's ``input_contract`` from what it records; returns the HR preparation they
     share and the VLR degradation for ``--images`` (the DSR models', else ``explicit``'s, else
     ingest's defaults). Models that disagree, or an ``explicit`` value that contradicts one, fail."""
-    embedders = [(flag, e) for flag, e in (("--model", models.recognizer), ("--finetuned", models.finetuned),
-                                           ("--finetuned-bicubic", models.finetuned_bicubic)) if e is not None]
+    embedders = [("--model", models.recognizer)]
+    for flag, group in (("--finetuned", models.finetuned), ("--finetuned-bicubic", models.finetuned_bicubic)):
+        embedders += [(flag, e) for e in group.values() if all(e is not seen for _, seen in embedders)]
     named = [(f"{flag} {e.name}", e.contract) for flag, e in embedders]
     named += [(f"--dsr {sr.name}", sr.contract) for sr in models.dsr.values()]
     shared = shared_preparation(named, explicit, option)
@@ -279,20 +316,21 @@ class _Setting:
                                        f"recognizer takes {s.hr.shape[1:3]}")
         return self._cache[key]
 
-    def recognizer(self, kind: str) -> Embedder:
+    def recognizer(self, size: str | None, kind: str) -> Embedder:
         tuned = {"dsr_finetuned": self.models.finetuned, "bicubic_finetuned": self.models.finetuned_bicubic}
-        return tuned.get(kind) or self.models.recognizer
+        return tuned.get(kind, {}).get(size or "") or self.models.recognizer
 
     def embed(self, s: EvalSet, size: str | None, kind: str) -> np.ndarray:
         key = (id(s), size or "", f"emb:{kind}")
         if key not in self._cache:
-            self._cache[key] = self.recognizer(kind).embed(self.images(s, size, _images_of(kind)))
+            self._cache[key] = self.recognizer(size, kind).embed(self.images(s, size, _images_of(kind)))
         return self._cache[key]
 
-    def hr_embed(self, s: EvalSet, kind: str) -> np.ndarray:
-        key = (id(s), "", f"hremb:{kind}")
+    def hr_embed(self, s: EvalSet, size: str | None, kind: str) -> np.ndarray:
+        recognizer = self.recognizer(size, kind)
+        key = (id(s), "", f"hremb:{id(recognizer)}")
         if key not in self._cache:
-            self._cache[key] = self.recognizer(kind).embed(s.hr)
+            self._cache[key] = recognizer.embed(s.hr)
         return self._cache[key]
 
 
@@ -311,15 +349,15 @@ def _blocks(data: EvalData, st: _Setting, size: str | None, kind: str, cfg: Eval
     }
     if kind != "hr":
         block["super_resolution"] = sr_metrics(st.images(test, size, _images_of(kind)), test.hr, emb,
-                                               st.hr_embed(test, kind))
+                                               st.hr_embed(test, size, kind))
     label = kind if size is None else f"{size} {kind}"
     return block, Curve(label, scores, test.pairs.genuine)
 
 
 def _settings_for(models: Models, size: str) -> list[str]:
     """The settings the given models allow at ``size``, in :data:`SETTINGS` order."""
-    given = {"bicubic_finetuned": models.finetuned_bicubic is not None, "dsr": size in models.dsr,
-             "dsr_finetuned": size in models.dsr and models.finetuned is not None}
+    given = {"bicubic_finetuned": size in models.finetuned_bicubic, "dsr": size in models.dsr,
+             "dsr_finetuned": size in models.dsr and size in models.finetuned}
     return [kind for kind in SETTINGS if given.get(kind, True)]
 
 
@@ -345,6 +383,43 @@ def _run(data: EvalData, models: Models, sizes: list[str], cfg: EvalConfig) -> t
         grid["HR"] = data.test.hr[show]
         grids[size] = grid
     return metrics, curves, grids
+
+
+def roc_points(scores: np.ndarray, genuine: np.ndarray, max_points: int = ROC_POINTS) -> dict[str, list[float]]:
+    """A ROC curve as at most ``max_points`` operating points, evenly spaced along the curve (both
+    ends kept): ``fpr``, ``tpr`` and ``threshold`` (the reject-all point's is just above the top score,
+    not infinity, so it is valid JSON)."""
+    roc = roc_curve(scores, genuine)
+    keep = np.unique(np.linspace(0, len(roc.far) - 1, min(max_points, len(roc.far))).round().astype(int))
+    thresholds = roc.thresholds.copy()
+    thresholds[0] = thresholds[1] + 1e-6 if len(thresholds) > 1 else 1.0
+    return {"fpr": roc.far[keep].tolist(), "tpr": roc.tar[keep].tolist(), "threshold": thresholds[keep].tolist()}
+
+
+def roc_document(curves: list[Curve]) -> dict:
+    """``roc.json``: the HR curve under ``hr``, a VLR setting's under ``vlr.<size>.<setting>``."""
+    doc: dict = {}
+    for c in curves:
+        size, _, kind = c.label.rpartition(" ")
+        points = roc_points(c.scores, c.genuine)
+        if size:
+            doc.setdefault("vlr", {}).setdefault(size, {})[kind] = points
+        else:
+            doc[kind] = points
+    return doc
+
+
+def headline_markdown(metrics: dict) -> str:
+    """The settings table as Markdown (KFP's Markdown view): accuracy and rank-1 with their standard
+    errors, EER, TAR@FAR=1e-3 and, for upsampled faces, PSNR and identity cosine."""
+    lines = ["| setting | accuracy ± SE | EER | TAR@1e-3 | rank-1 ± SE | PSNR | id-cos |",
+             "|---|---|---|---|---|---|---|"]
+    for name, b in setting_rows(metrics, repeat_hr=False):
+        v, i, sr = b["verification"], b["identification"], b.get("super_resolution")
+        tail = f"{sr['psnr']:.2f} | {sr['identity_cosine']:.3f}" if sr else "- | -"
+        lines.append(f"| {name} | {plus_minus(v['accuracy'], v['accuracy_se'])} | {v['eer']:.4f} | "
+                     f"{v['tar_at_far']['1e-3']:.4f} | {plus_minus(i['rank1'], i['rank1_se'])} | {tail} |")
+    return "\n".join(lines) + "\n"
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:

@@ -6,7 +6,10 @@ Extras beside the contract, each with the recognizer's tensor names and shapes:
 ``recognizer_trt`` / ``recognizer_trt_int8`` (offline tensorrt_plan engines, ``trt=True`` on a GPU node
 with TensorRT; anywhere else that is an error).
 With several DSR models (one per VLR size) the size-specific ones are ``dsr_<WxH>``,
-``vlr_face_<WxH>`` and ``vlr_fused_<WxH>``; with one they take the plain contract names.
+``vlr_face_<WxH>`` and ``vlr_fused_<WxH>``; with one they take the plain contract names. A size given
+its own recognizer (fine-tuned on that size's DSR outputs: ``finetuned``) serves it as
+``recognizer_<WxH>``, which that size's ensemble and fused model use; ``recognizer`` stays the given
+(HR) recognizer, and the size-specific names are used even for one size.
 
 Every model carries its input contract (:mod:`faceops.models.contract`) in its ONNX metadata and its
 ``config.pbtxt`` parameters: the recognizer's (HR faces) on the recognizer-like models, the DSR
@@ -95,39 +98,68 @@ def _batch(images: np.ndarray | None, dims: tuple[int, int, int], n: int, what: 
     return torch.rand((n, *dims), generator=gen) * 2 - 1
 
 
-def _names(sizes: list[str]) -> dict[str, tuple[str, str, str]]:
-    """VLR size -> (dsr, ensemble, fused) Triton names; plain contract names when there is one size."""
-    if len(sizes) == 1:
-        return {sizes[0]: ("dsr", "vlr_face", "vlr_fused")}
-    return {s: (f"dsr_{s}", f"vlr_face_{s}", f"vlr_fused_{s}") for s in sizes}
+@dataclass(frozen=True)
+class VLRNames:
+    """The Triton names of one VLR size's models."""
+
+    dsr: str
+    ensemble: str
+    fused: str
+    recognizer: str = "recognizer"  # what the ensemble and the fused model embed with
 
 
-def _contracts_for(recognizer: InputContract | None, dsrs: dict[str, InputContract | None]) -> tuple[
-        InputContract, dict[str, InputContract]]:
+def _names(sizes: list[str], tuned: frozenset[str] = frozenset()) -> dict[str, VLRNames]:
+    """VLR size -> its Triton names; plain contract names when there is one size and it has no
+    recognizer of its own (``tuned``: the sizes that have one, ``recognizer_<size>``)."""
+    if len(sizes) == 1 and not tuned:
+        return {sizes[0]: VLRNames("dsr", "vlr_face", "vlr_fused")}
+    return {s: VLRNames(f"dsr_{s}", f"vlr_face_{s}", f"vlr_fused_{s}",
+                        f"recognizer_{s}" if s in tuned else "recognizer") for s in sizes}
+
+
+def _contracts_for(recognizer: InputContract | None, dsrs: dict[str, InputContract | None],
+                   tuned: dict[str, InputContract | None] | None = None) -> tuple[
+        InputContract, dict[str, InputContract], dict[str, InputContract]]:
     """The contracts to export with: the recorded ones, which must agree on the HR face (the ensemble
-    feeds the DSR output to the recognizer); a model recording none is assumed to take the others'."""
+    feeds the DSR output to the recognizer); a model recording none is assumed to take the others'.
+    Returns the recognizer's, the DSR models' and the size recognizers' (``tuned``) contracts."""
+    tuned = tuned or {}
     for size, c in dsrs.items():
         if c is not None and c.vlr_size != size:
             raise FaceopsError(f"the {size} DSR model's input contract says it takes {c.vlr_size} faces")
-    named = [("the recognizer", recognizer), *((f"the {s} DSR model", c) for s, c in dsrs.items())]
-    hr = shared_preparation(named)[0]
-    return hr, {s: c or assume(f"the {s} DSR model", base=hr, vlr_size=s) for s, c in dsrs.items()}
+    named = [("the recognizer", recognizer), *((f"the {s} fine-tuned recognizer", c) for s, c in tuned.items()),
+             *((f"the {s} DSR model", c) for s, c in dsrs.items())]
+    shared = shared_preparation(named)
+    hr = shared[0]
+    return (hr, {s: c or assume(f"the {s} DSR model", base=hr, vlr_size=s) for s, c in dsrs.items()},
+            dict(zip(tuned, shared[1:1 + len(tuned)], strict=True)))
 
 
 def export_modules(recognizer: nn.Module, repo_uri: str, dsrs: dict[str, nn.Module] | None = None,
                    cfg: ExportConfig | None = None, calib: CalibData | None = None, int8: bool = False,
                    trt: bool = False, work_dir: str | Path | None = None, contract: InputContract | None = None,
-                   dsr_contracts: dict[str, InputContract] | None = None) -> dict:
+                   dsr_contracts: dict[str, InputContract] | None = None,
+                   finetuned: dict[str, nn.Module] | None = None,
+                   finetuned_contracts: dict[str, InputContract | None] | None = None) -> dict:
     """Export in-memory models (see :func:`export_model`); returns paths, versions and parity figures.
 
     ``contract`` / ``dsr_contracts`` (per VLR size): the models' input contracts, written into every
     ONNX file and Triton config; a model given none is assumed to take ingest's defaults (warned).
+    ``finetuned`` (per VLR size, each size with a DSR model): the recognizer that size's ensemble and
+    fused model embed with, served as ``recognizer_<size>`` (contracts in ``finetuned_contracts``).
     ``trt`` where no engine can be built, or for a Triton without GPUs, fails before any work."""
     cfg = cfg or ExportConfig()
     kind = resolve_instance_kind(cfg)
+    finetuned = finetuned or {}
+    stray = sorted(set(finetuned) - set(dsrs or {}))
+    if stray:
+        raise FaceopsError(f"fine-tuned recognizers for VLR size(s) {stray} without a DSR model of that size "
+                           f"(DSR sizes: {sorted(dsrs or {})})")
     if trt:
         _check_trt_target()
-    contract, vlr_contracts = _contracts_for(contract, {s: (dsr_contracts or {}).get(s) for s in sorted(dsrs or {})})
+    contract, vlr_contracts, tuned_contracts = _contracts_for(
+        contract, {s: (dsr_contracts or {}).get(s) for s in sorted(dsrs or {})},
+        {s: (finetuned_contracts or {}).get(s) for s in sorted(finetuned)})
     store = open_store(repo_uri)
     tmp = tempfile.TemporaryDirectory(prefix="faceops-export-") if work_dir is None else None
     work = Path(work_dir or tmp.name)
@@ -143,8 +175,13 @@ def export_modules(recognizer: nn.Module, repo_uri: str, dsrs: dict[str, nn.Modu
                  rec_path, parity.as_dict())
         int8_path = (_export_int8(pending, report, rec_path, calib, cfg, work, emb, contract, kind)
                      if int8 else None)
-        for size, names in _names(sorted(dsrs or {})).items():
-            _export_vlr(pending, report, recognizer, dsrs[size], size, names, calib, cfg, work, emb,
+        for size, names in _names(sorted(dsrs or {}), frozenset(finetuned)).items():
+            size_recognizer = recognizer
+            if size in finetuned:
+                size_recognizer = finetuned[size]
+                _export_recognizer(pending, size_recognizer, names.recognizer, hr_batch, cfg, work, emb,
+                                   tuned_contracts[size], kind)
+            _export_vlr(pending, report, size_recognizer, dsrs[size], size, names, calib, cfg, work, emb,
                         vlr_contracts[size], kind)
         if trt:
             report["tensorrt"] = _export_trt(pending, report, recognizer, rec_path, int8_path, hr_batch, cfg,
@@ -185,12 +222,25 @@ def _export_int8(pending, report: dict, rec_path: Path, calib: CalibData | None,
     return int8_path
 
 
+def _export_recognizer(pending, model: nn.Module, name: str, hr_batch: torch.Tensor, cfg: ExportConfig,
+                       work: Path, emb: list[TensorSpec], contract: InputContract, kind: str) -> None:
+    """A further recognizer (a VLR size's fine-tuned one) with the recognizer's tensors and parity gate."""
+    dim = embedding_dim(model, hr_batch)
+    if dim != emb[0].dims[0]:
+        raise FaceopsError(f"{name} embeds into {dim} dimensions, the recognizer into {emb[0].dims[0]}")
+    path = export_onnx(model, work / f"{name}.onnx", hr_batch[:1], "recognizer", cfg)
+    write_onnx_contract(path, contract)
+    parity = check_parity(name, path, model, hr_batch, cfg)
+    _publish(pending, model_config(name, "onnxruntime_onnx", IN_SPEC, emb, cfg, kind, contract), path,
+             parity.as_dict())
+
+
 def _export_vlr(pending, report: dict, recognizer: nn.Module, dsr: nn.Module, size: str,
-                names: tuple[str, str, str], calib: CalibData | None, cfg: ExportConfig, work: Path,
+                names: VLRNames, calib: CalibData | None, cfg: ExportConfig, work: Path,
                 emb: list[TensorSpec], contract: InputContract, kind: str) -> None:
     """DSR model, fused DSR->recognizer model and the ensemble for one VLR size (all take the DSR
-    model's VLR faces: ``contract``)."""
-    dsr_name, ens_name, fused_name = names
+    model's VLR faces: ``contract``); ``recognizer`` is the one served as ``names.recognizer``."""
+    dsr_name, ens_name, fused_name = names.dsr, names.ensemble, names.fused
     w, h = degrade.parse_size(size)
     vlr_dims = (3, h, w)
     vlr_spec = [TensorSpec("input", vlr_dims)]
@@ -206,7 +256,7 @@ def _export_vlr(pending, report: dict, recognizer: nn.Module, dsr: nn.Module, si
     parity = check_parity(fused_name, fused_path, fused, vlr_batch, cfg)
     _publish(pending, model_config(fused_name, "onnxruntime_onnx", vlr_spec, emb, cfg, kind, contract),
              fused_path, parity.as_dict())
-    _publish(pending, ensemble_config(ens_name, dsr_name, "recognizer", vlr_dims, cfg, emb[0].dims[0],
+    _publish(pending, ensemble_config(ens_name, dsr_name, names.recognizer, vlr_dims, cfg, emb[0].dims[0],
                                       contract=contract), None, None)
 
 
@@ -233,8 +283,11 @@ def _export_trt(pending, report, recognizer, rec_path, int8_path, hr_batch, cfg:
 
 def export_model(model_uri: str, repo_uri: str, formats: tuple[str, ...] | list[str] = FORMATS,
                  int8: bool = False, trt: bool = False, dsr_uri: str | list[str] | None = None,
-                 calib_dataset: str | None = None, cfg: ExportConfig | None = None) -> dict:
+                 calib_dataset: str | None = None, cfg: ExportConfig | None = None,
+                 finetuned_uri: dict[str, str] | None = None) -> dict:
     """Export a recognizer checkpoint (and DSR checkpoints) into the Triton repository at ``repo_uri``.
+    ``finetuned_uri``: ``{size: recognizer checkpoint}``, each VLR size's own recognizer (see
+    :func:`export_modules`).
 
     Returns ``{"repo", "instance_kind", "models": {name: {version, platform, uri, parity}}, "int8"?,
     "tensorrt"?}``.
@@ -262,13 +315,20 @@ def export_model(model_uri: str, repo_uri: str, formats: tuple[str, ...] | list[
             raise FaceopsError(f"{uri} is not a DSR checkpoint with a vlr_size (kind {dmeta.get('kind')!r})")
         dsrs[size] = module
         dsr_contracts[size] = from_checkpoint(dmeta, uri)
+    tuned: dict[str, nn.Module] = {}
+    tuned_contracts: dict[str, InputContract | None] = {}
+    for size, uri in sorted((finetuned_uri or {}).items()):
+        module, fmeta = load_model(uri)
+        if fmeta.get("kind") != "recognizer":
+            raise FaceopsError(f"{uri} (the {size} fine-tuned recognizer) is a {fmeta.get('kind')!r} checkpoint")
+        tuned[size], tuned_contracts[size] = module, from_checkpoint(fmeta, uri)
     contract = from_checkpoint(meta, model_uri)
     if calib_dataset:
         contract = _calibration_agrees(calib_dataset, model_uri, contract)
     calib = CalibData.from_dataset(calib_dataset) if calib_dataset else None
     report = export_modules(recognizer, repo_uri, dsrs, cfg, calib, int8=int8, trt=trt, contract=contract,
-                            dsr_contracts=dsr_contracts)
-    report["source"] = {"model": model_uri, "dsr": dsr_uri, "dataset": calib_dataset}
+                            dsr_contracts=dsr_contracts, finetuned=tuned, finetuned_contracts=tuned_contracts)
+    report["source"] = {"model": model_uri, "dsr": dsr_uri, "finetuned": finetuned_uri, "dataset": calib_dataset}
     return report
 
 
