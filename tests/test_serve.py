@@ -438,3 +438,26 @@ def test_deploy_check_waits_for_the_newest_published_version(models, tmp_path):
         export_modules(models[0], str(repo), cfg=cfg, contract=CONTRACT)  # v2 published after start
         with pytest.raises(FaceopsError, match=r"does not serve \['recognizer v2'\] .* after 3 s"):
             check_server(triton.grpc_url, str(repo), faces, timeout_s=3)
+
+
+@pytest.mark.parametrize(("served", "chosen"), [
+    (["recognizer", "dsr", "vlr_face", "vlr_fused"], "vlr_face"),
+    (["recognizer", "recognizer_14x16", "dsr_14x16", "vlr_face_14x16", "vlr_fused_14x16"], "vlr_face_14x16"),
+    (["recognizer", "vlr_face_14x16", "vlr_face_32x32"], None)])
+def test_the_vlr_ensemble_is_the_servers_only_one_or_asked_for(monkeypatch, served, chosen):
+    """Triton's repository index (the gRPC JSON form: {"models": [{"name": ...}]}) decides the VLR model
+    when none is given; with several sizes served the client asks which, naming them."""
+    from faceops.serve.client import ClientError
+
+    class Index:
+        def get_model_repository_index(self, as_json=False):
+            return {"models": [{"name": n, "state": "READY"} for n in served]}
+
+    client = FaceClient("127.0.0.1:1", retries=0)
+    monkeypatch.setattr(client, "_client", lambda: Index())
+    if chosen is None:
+        with pytest.raises(ClientError, match=r"several VLR ensembles \(vlr_face_14x16, vlr_face_32x32\).*--vlr-model"):
+            _ = client.vlr_model
+    else:
+        assert client.vlr_model == chosen
+    assert FaceClient("127.0.0.1:1", vlr_model="vlr_face_32x32").vlr_model == "vlr_face_32x32"

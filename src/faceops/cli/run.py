@@ -15,7 +15,7 @@ def _param(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--param {item!r}: expected KEY=VALUE, e.g. --param vlr_size=14x16")
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE, e.g. --param vlr_sizes=14x16")
         out[key] = value
     return out
 
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", metavar="FILE", help="an LFW pairs file to import with --data")
     p.add_argument("--out", metavar="DIR", help="output folder (default faceops-runs/<pipeline>-<time>)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="pipeline parameter, e.g. --param vlr_size=14x16")
+                   help="pipeline parameter, e.g. --param vlr_sizes=14x16")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="show the runner's whole output as well (as `faceops -v run`)")
     p.set_defaults(func=run)

@@ -65,7 +65,10 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     p.add_argument("--retries", type=int, default=3, help="retries while the server is unavailable")
-    p.add_argument("--vlr", action="store_true", help="treat the images as very-low-resolution (vlr_face)")
+    p.add_argument("--vlr", action="store_true", help="treat the images as very-low-resolution (the VLR model)")
+    p.add_argument("--vlr-model", metavar="NAME",
+                   help="the served VLR ensemble to use (pipelines serve one per size: vlr_face_32x32, "
+                   "vlr_face_14x16, ...); default: the server's only one")
     p.add_argument("--dataset", metavar="URI", help="expect the served model to take faces prepared as this "
                    "dataset's were (its manifest's crop/size): an error names both if it does not. Faces are "
                    "always prepared as the served model's input contract says; for a model serving without "
@@ -76,7 +79,7 @@ def _client(args: argparse.Namespace):
     from faceops.serve import FaceClient
 
     return FaceClient(args.url, protocol=args.protocol, timeout=args.timeout, retries=args.retries,
-                      prepare=_prepare_config(args.dataset))
+                      prepare=_prepare_config(args.dataset), vlr_model=args.vlr_model)
 
 
 def _prepare_config(dataset: str | None):

@@ -4,7 +4,9 @@ Faces are prepared as the served model's input contract says (:mod:`faceops.mode
 from its ``config.pbtxt`` parameters): ingest's own :func:`~faceops.data.prepare.prepare_face` with the
 crop and size the model was trained with, then its normalisation, so served embeddings match
 evaluated ones. Images whose both sides are below the HR size (e.g. 32x32 crops; ORL's 92x112 is HR)
-are VLR and go to the ``vlr_face`` ensemble, resized to its input size; ``vlr=True`` degrades HR faces
+are VLR and go to the VLR ensemble, resized to its input size: ``vlr_model``, or else the one the
+server has (``vlr_face``, or a pipeline's single ``vlr_face_<WxH>``; with several sizes served the
+client asks which); ``vlr=True`` degrades HR faces
 the way the DSR model's training faces were. Server errors become :class:`ClientError` subclasses
 that name the URL, model and what was sent.
 """
@@ -32,7 +34,7 @@ ImageLike = str | Path | Image.Image | np.ndarray
 T = TypeVar("T")
 
 RECOGNIZER = "recognizer"
-VLR_MODEL = "vlr_face"
+VLR_MODEL = "vlr_face"  # `faceops export` with one DSR model; pipelines serve vlr_face_<WxH> per VLR size
 
 
 class ClientError(FaceopsError):
@@ -74,7 +76,7 @@ class FaceClient:
     def __init__(self, url: str = "127.0.0.1:8001", protocol: Literal["grpc", "http"] = "grpc",
                  timeout: float = 10.0, retries: int = 3, retry_backoff_s: float = 0.25,
                  batch_size: int = 32, prepare: PrepareConfig | Mapping[str, Any] | None = None,
-                 recognizer: str = RECOGNIZER, vlr_model: str = VLR_MODEL):
+                 recognizer: str = RECOGNIZER, vlr_model: str | None = None):
         if protocol not in ("grpc", "http"):
             raise ClientError(f"protocol {protocol!r} is not one of grpc, http")
         if retries < 0 or retry_backoff_s < 0:
@@ -82,7 +84,7 @@ class FaceClient:
         self.url, self.protocol, self.timeout = url, protocol, timeout
         self.retries, self.retry_backoff_s, self.batch_size = retries, retry_backoff_s, batch_size
         self.stated = explicit_fields(prepare)
-        self.recognizer, self.vlr_model = recognizer, vlr_model
+        self.recognizer, self._vlr_model = recognizer, vlr_model
         self._local = threading.local()
         self._vlr_size: tuple[int, int] | None = None
         self._contracts: dict[str, InputContract] = {}
@@ -175,6 +177,26 @@ class FaceClient:
         return self._call(f"metadata of {model}", model,
                           lambda: self._client().get_model_metadata(model, as_json=True)
                           if self.protocol == "grpc" else self._client().get_model_metadata(model))
+
+    @property
+    def vlr_model(self) -> str:
+        """The VLR ensemble to use: the one given, else the server's only one (read once)."""
+        if self._vlr_model is None:
+            def fetch():
+                index = self._client().get_model_repository_index(**({"as_json": True} if self.protocol == "grpc"
+                                                                      else {}))
+                return index.get("models", []) if isinstance(index, dict) else index
+
+            names = sorted({m["name"] for m in self._call("model index", None, fetch)
+                            if m["name"] == VLR_MODEL or m["name"].startswith(f"{VLR_MODEL}_")})
+            if VLR_MODEL in names or len(names) != 1:
+                if len(names) > 1 and VLR_MODEL not in names:
+                    raise ClientError(f"{self.url} serves several VLR ensembles ({', '.join(names)}): choose one "
+                                      "with vlr_model= (CLI: --vlr-model)")
+                self._vlr_model = VLR_MODEL  # absent: the request names it, and its error says so
+            else:
+                self._vlr_model = names[0]
+        return self._vlr_model
 
     def model_input_shape(self, model: str) -> list[int]:
         """Input shape of ``model`` from the server's metadata (batch dim as -1)."""
