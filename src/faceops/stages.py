@@ -119,8 +119,7 @@ def evaluate_stage(model_uri: str, dataset_uri: str, out_uri: str, config_yaml: 
         out_dir = tempfile.mkdtemp(prefix="faceops-eval-") if remote else out_uri.removeprefix("file://")
         result = evaluate(model_uri, out_dir, data=dataset_uri, dsr=dsr_uris or (),
                           finetuned=finetuned_uri or None, finetuned_bicubic=finetuned_bicubic_uri or None,
-                          vlr=vlr_sizes or (), cfg=cfg,
-                          run_id=run_id_for(out_uri))
+                          vlr=vlr_sizes or (), cfg=cfg, run_id=run_id_for(out_uri), config=config_yaml or None)
         if remote:
             store = open_store(out_uri)
             for f in sorted(Path(out_dir).iterdir()):

@@ -40,6 +40,7 @@ import numpy as np
 
 from faceops.config import check, from_dict
 from faceops.data.degrade import DegradeConfig, parse_size, upsample_bicubic
+from faceops.data.manifest import load_manifest
 from faceops.data.prepare import PrepareConfig
 from faceops.errors import FaceopsError
 from faceops.evaluate.data import EvalData, EvalSet, from_dataset, from_images
@@ -51,7 +52,7 @@ from faceops.evaluate.models import (
     require_sizes,
     super_resolvers_by_size,
 )
-from faceops.evaluate.report import Curve, plus_minus, setting_rows, write_report
+from faceops.evaluate.report import Curve, plus_minus, sample_cosines, setting_rows, write_report
 from faceops.evaluate.sr_metrics import sr_metrics
 from faceops.evaluate.verification import roc_curve, verification_metrics
 from faceops.metrics import MetricsConfig, publish_evaluation, run_id_for
@@ -113,7 +114,8 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
              finetuned: str | Mapping[str, str] | None = None,
              finetuned_bicubic: str | Mapping[str, str] | None = None, vlr: Sequence[str] = (),
              cfg: EvalConfig | None = None, prepare: PrepareConfig | Mapping[str, Any] | None = None,
-             degrade: DegradeConfig | Mapping[str, Any] | None = None, run_id: str | None = None) -> dict:
+             degrade: DegradeConfig | Mapping[str, Any] | None = None, run_id: str | None = None,
+             config: Mapping[str, Any] | str | None = None) -> dict:
     """Evaluate and write ``out/metrics.json`` and ``out/report.html``; returns the metrics dict.
 
     Exactly one of ``data`` (dataset URI) or ``images`` + ``pairs`` is given. ``images`` are prepared
@@ -125,6 +127,7 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
     mapping ``{size: URI}`` (a size it does not name has no such setting). Every figure is also set as
     ``faceops_eval_metric`` (label ``run_id``: ``run_id``, default :func:`~faceops.metrics.run_id_for`
     of ``out``) and pushed when a Pushgateway is configured (``cfg.metrics`` or ``FACEOPS_PUSHGATEWAY``).
+    ``config`` (the run's config, a mapping or its YAML text) goes into the report's provenance.
     """
     cfg = cfg or EvalConfig()
     if (data is None) == (images is None and pairs is None):
@@ -160,7 +163,7 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
                                 cfg.skip_missing)
     log.info("evaluating %s: %d faces, %d pairs", eval_data.source, len(eval_data.test),
              len(eval_data.test.pairs))
-    metrics, curves, grids = _run(eval_data, models, sizes, cfg)
+    metrics, curves, grids, grid_cosines = _run(eval_data, models, sizes, cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
@@ -169,9 +172,13 @@ def evaluate(model: str, out: str | Path, *, data: str | None = None, split: str
             "pairs": len(eval_data.test.pairs), "flip": cfg.flip, "dsr": list(dsr), "finetuned": finetuned,
             "finetuned_bicubic": finetuned_bicubic, "input contract": hr_contract.describe(),
             "threshold protocol": _protocol(eval_data, metrics["verification"])}
-    write_report(out, metrics, curves, grids, info, cfg.hist_bins)
-    publish_evaluation(metrics, run_id or run_id_for(str(out)), models.recognizer.arch or models.recognizer.name,
-                       cfg.metrics)
+    run_id = run_id or run_id_for(str(out))
+    provenance = {"run_id": run_id, "config": config,
+                  "dataset_hash": load_manifest(data).get("content_hash", "") if data is not None else "",
+                  "models": {"recognizer": model, "finetuned": finetuned, "finetuned_bicubic": finetuned_bicubic,
+                             "dsr": {size: uri for uri, size in zip(dsr, by_size, strict=False)} if dsr else {}}}
+    write_report(out, metrics, curves, grids, info, cfg.hist_bins, provenance=provenance, grid_cosines=grid_cosines)
+    publish_evaluation(metrics, run_id, models.recognizer.arch or models.recognizer.name, cfg.metrics)
     return metrics
 
 
@@ -257,8 +264,6 @@ def _shared_degradation(models: Models, explicit: dict[str, Any], option: str) -
 
 def check_dataset(dataset_uri: str, models: Models, hr: InputContract) -> None:
     """A dataset's faces were prepared at ingest: refuse one prepared unlike the models were trained."""
-    from faceops.data.manifest import load_manifest
-
     recorded = _recorded(models)
     if not recorded:
         return
@@ -361,12 +366,15 @@ def _settings_for(models: Models, size: str) -> list[str]:
     return [kind for kind in SETTINGS if given.get(kind, True)]
 
 
-def _run(data: EvalData, models: Models, sizes: list[str], cfg: EvalConfig) -> tuple[dict, list[Curve], dict]:
+def _run(data: EvalData, models: Models, sizes: list[str],
+         cfg: EvalConfig) -> tuple[dict, list[Curve], dict, dict]:
+    """Metrics, ROC curves, and per VLR size the sample grid's faces and their identity cosines."""
     st = _Setting(models, cfg)
     hr_block, hr_curve = _blocks(data, st, None, "hr", cfg)
     metrics: dict = {"verification": hr_block["verification"], "identification": hr_block["identification"]}
     curves = [hr_curve]
     grids: dict[str, dict[str, np.ndarray]] = {}
+    grid_cosines: dict[str, dict[str, np.ndarray]] = {}
     if sizes:
         metrics["vlr"] = {}
     rng = np.random.default_rng(cfg.seed)
@@ -378,11 +386,16 @@ def _run(data: EvalData, models: Models, sizes: list[str], cfg: EvalConfig) -> t
             curves.append(curve)
         metrics["vlr"][size] = per_size
         grid = {"VLR": data.test.vlr[size][show], "bicubic": st.images(data.test, size, "bicubic")[show]}
+        shown = {"bicubic": "bicubic"}
         if size in models.dsr:
             grid["DSR"] = st.images(data.test, size, "dsr")[show]
+            shown["DSR"] = "dsr"
         grid["HR"] = data.test.hr[show]
         grids[size] = grid
-    return metrics, curves, grids
+        grid_cosines[size] = {column: sample_cosines(st.embed(data.test, size, kind)[show],
+                                                     st.hr_embed(data.test, size, kind)[show])
+                              for column, kind in shown.items()}
+    return metrics, curves, grids, grid_cosines
 
 
 def roc_points(scores: np.ndarray, genuine: np.ndarray, max_points: int = ROC_POINTS) -> dict[str, list[float]]:
