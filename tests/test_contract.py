@@ -236,3 +236,15 @@ def test_real_lfw_images_mode_scores_as_with_the_ingest_config(tmp_path):
     assert evaluate_images(ckpt, LFW_IMAGES, pairs, tmp_path / "bare", "evaluate:\n  n_folds: 2\n") == 0
     assert evaluate_images(ckpt, LFW_IMAGES, pairs, tmp_path / "config", crop_config(120)) == 0
     assert metrics(tmp_path / "bare") == metrics(tmp_path / "config")
+
+
+def test_a_dataset_prepared_unlike_the_model_is_refused_naming_both():
+    """Evaluation and gallery enrolment send a dataset's faces as ingest prepared them: the one check
+    both use names the dataset, the field, both values and what to do."""
+    from faceops.models.contract import check_prepared_alike
+
+    check_prepared_alike("ds", InputContract(center_crop=120), InputContract(center_crop=120), "m.pt", "x")
+    with pytest.raises(ContractConflictError, match=r"^file:///d was ingested with prepare\.center_crop = 100, "
+                       r"but m\.pt was trained with center_crop = 120 .*ingest\.prepare\.center_crop=120$"):
+        check_prepared_alike("file:///d", InputContract(center_crop=100), InputContract(center_crop=120), "m.pt",
+                             "re-ingest with ingest.prepare.{name}={want}")

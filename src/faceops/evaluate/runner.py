@@ -58,11 +58,11 @@ from faceops.evaluate.verification import roc_curve, verification_metrics
 from faceops.metrics import MetricsConfig, publish_evaluation, run_id_for
 from faceops.models.contract import (
     DEGRADE_FIELDS,
-    PREPARE_FIELDS,
     ContractConflictError,
     InputContract,
     assume,
     check_agrees,
+    check_prepared_alike,
     dataset_contract,
     explicit_fields,
     shared_preparation,
@@ -269,13 +269,9 @@ def check_dataset(dataset_uri: str, models: Models, hr: InputContract) -> None:
         return
     manifest = load_manifest(dataset_uri)
     ingested = InputContract.from_manifest(manifest, source=f"{dataset_uri} manifest")
-    diff = ingested.differences(hr, PREPARE_FIELDS)
-    if diff:
-        name, got, want = diff[0]
-        raise ContractConflictError(
-            f"dataset {dataset_uri} was ingested with prepare.{name} = {shown(got)}, but {recorded[0].name} was "
-            f"trained with {name} = {shown(want)} (its input contract): evaluate on a dataset ingested with "
-            f"ingest.prepare.{name}={shown(want)}, or on the images with --images DIR --pairs FILE")
+    check_prepared_alike(f"dataset {dataset_uri}", ingested, hr, recorded[0].name,
+                         "evaluate on a dataset ingested with ingest.prepare.{name}={want}, or on the images "
+                         "with --images DIR --pairs FILE")
     for sr in (sr for sr in models.dsr.values() if sr.contract is not None):
         ingested_vlr = InputContract.from_manifest(manifest, sr.vlr_size, f"{dataset_uri} manifest")
         for name, got, want in ingested_vlr.differences(sr.contract, DEGRADE_FIELDS):

@@ -229,6 +229,19 @@ def dataset_contract(dataset_uri: str, vlr_size: str | None = None) -> InputCont
     return InputContract.from_manifest(load_manifest(dataset_uri), vlr_size, f"{dataset_uri} manifest")
 
 
+def check_prepared_alike(dataset_uri: str, ingested: InputContract, model: InputContract, who: str,
+                         remedy: str) -> None:
+    """A dataset's faces were prepared at ingest and are used as they are: refuse a dataset prepared
+    unlike ``model`` (``who`` names it), naming the field, both values and ``remedy`` (what to do,
+    ``{name}``/``{want}`` filled in)."""
+    diff = ingested.differences(model, PREPARE_FIELDS)
+    if diff:
+        name, got, want = diff[0]
+        raise ContractConflictError(
+            f"{dataset_uri} was ingested with prepare.{name} = {shown(got)}, but {who} was trained with {name} = "
+            f"{shown(want)} (its input contract): " + remedy.format(name=name, want=shown(want)))
+
+
 def checkpoint_entry(dataset_uri: str | None, vlr_size: str | None = None) -> dict[str, Any]:
     """``{"input_contract": ...}`` for a training task's ``checkpoint_meta`` ({} without a dataset)."""
     return {CHECKPOINT_KEY: dataset_contract(dataset_uri, vlr_size).to_dict()} if dataset_uri else {}

@@ -18,9 +18,9 @@ import numpy as np
 from faceops.errors import FaceopsError
 from faceops.models.contract import (
     HR_FIELDS,
-    PREPARE_FIELDS,
     ContractConflictError,
     InputContract,
+    check_prepared_alike,
     dataset_contract,
     shown,
 )
@@ -118,14 +118,9 @@ def build_gallery(client: EmbeddingServer, dataset_uri: str, split: str = "test"
     from faceops.data.reader import load_split
 
     served = client.contract()
-    ingested = dataset_contract(dataset_uri)
-    diff = ingested.differences(served, PREPARE_FIELDS)
-    if diff:
-        name, got, want = diff[0]
-        raise ContractConflictError(
-            f"{dataset_uri} was ingested with prepare.{name} = {shown(got)}, but the served model "
-            f"'{client.recognizer}' at {client.url} was trained with {name} = {shown(want)} (its input "
-            f"contract): enrol a dataset ingested with ingest.prepare.{name}={shown(want)}")
+    check_prepared_alike(dataset_uri, dataset_contract(dataset_uri), served,
+                         f"the served model '{client.recognizer}' at {client.url}",
+                         "enrol a dataset ingested with ingest.prepare.{name}={want}")
     data = load_split(dataset_uri, split, views=["hr"])
     if len(data) == 0:
         raise FaceopsError(f"{dataset_uri} split {split!r} has no images to build a gallery from")
