@@ -73,12 +73,15 @@ def ingest_and_train(cluster: ClusterConfig, *, config_yaml, source, dataset_nam
     data = ing.outputs["dataset"]
     rec = train_recognizer(dataset=data, config_yaml=config_yaml, run_root=run_root,
                            gpus_per_node=gpus_per_node, nodes=nodes, log_dir=log_dir)
-    apply(rec, cluster, gpu_task=True, cache=cluster.cache_training)
+    apply(rec, cluster, gpu_task=True, cache=cluster.cache_training, gpus=gpus_per_node)
     return data, rec
 
 
-def apply(task, cfg: ClusterConfig, *, gpu_task: bool, cache: bool) -> None:
-    """Resources, GPU placement, Secret env, /dev/shm, caching and retries on one task."""
+def apply(task, cfg: ClusterConfig, *, gpu_task: bool, cache: bool, gpus=None) -> None:
+    """Resources, GPU placement, Secret env, /dev/shm, caching and retries on one task. ``gpus``: a
+    training task's GPU count, the run's ``gpus_per_node`` parameter (the pod requests what torchrun
+    then starts one process per; KFP resolves the placeholder when it creates the pod), else
+    ``cluster.gpus_per_task``."""
     from kfp import kubernetes
 
     task.set_caching_options(cache)
@@ -88,7 +91,8 @@ def apply(task, cfg: ClusterConfig, *, gpu_task: bool, cache: bool) -> None:
     task.set_retry(num_retries=cfg.retries, backoff_duration="30s", backoff_factor=2.0)
     if gpu_task and cfg.gpu:
         task.set_cpu_request(cfg.gpu_cpu_request).set_memory_request(cfg.gpu_memory_request)
-        task.set_accelerator_type(cfg.accelerator_type).set_accelerator_limit(cfg.gpus_per_task)
+        task.set_accelerator_type(cfg.accelerator_type)
+        task.set_accelerator_limit(cfg.gpus_per_task if gpus is None else gpus)
         for key, value in cfg.gpu_node_selector.items():
             kubernetes.add_node_selector(task, label_key=key, label_value=value)
         if cfg.gpu_toleration:

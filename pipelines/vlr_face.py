@@ -106,7 +106,7 @@ def build(cluster: ClusterConfig | None = None, config_yaml: str | None = None):
                 log_dir=log_dir,
             )
             for task in (dsr, ft, ft_bicubic):
-                apply(task, cluster, gpu_task=True, cache=cluster.cache_training)
+                apply(task, cluster, gpu_task=True, cache=cluster.cache_training, gpus=gpus_per_node)
         ev = evaluate_vlr(
             dataset=data,
             recognizer=rec.outputs["model"],

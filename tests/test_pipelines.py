@@ -16,6 +16,8 @@ from faceops.run import compile_pipeline
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "data" / "tiny_pipeline.yaml"
 GPU_CLUSTER = REPO / "configs" / "cluster_gpu.yaml"
+GPUS_PER_NODE = "{{$.inputs.parameters['pipelinechannel--gpus_per_node']}}"  # the run's parameter
+TRAINING_TASKS = {"train-recognizer", "train-dsr", "finetune-edgeface", "finetune-bicubic"}
 GPU_TASKS = {"vlr_face": {"train-recognizer", "train-dsr", "finetune-edgeface", "finetune-bicubic", "evaluate-vlr",
                           "export-vlr"},
              "arcface_resnet34": {"train-recognizer", "evaluate", "export"}}
@@ -67,7 +69,10 @@ def test_ir_cluster_settings(name):
         gpu = task_name in GPU_TASKS[name]
         if gpu:
             res = container["resources"]
-            assert res["accelerator"]["resourceCount"] == "1" or res["accelerator"].get("count") == "1"
+            if task_name in TRAINING_TASKS:  # the pod requests the run's gpus_per_node, as torchrun then uses
+                assert res["accelerator"]["resourceCount"] == GPUS_PER_NODE
+            else:
+                assert res["accelerator"]["resourceCount"] == "1"
             assert "nvidia.com/gpu" in str(res["accelerator"])
             assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
             assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
