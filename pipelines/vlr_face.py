@@ -75,36 +75,11 @@ def build(cluster: ClusterConfig | None = None, config_yaml: str | None = None):
             cluster, config_yaml=config_yaml, source=source, dataset_name=dataset_name, store_uri=store_uri,
             run_root=run_root, pairs_file=pairs_file, gpus_per_node=gpus_per_node, nodes=nodes, log_dir=log_dir)
         with dsl.ParallelFor(vlr_sizes, parallelism=cluster.size_parallelism) as size:
-            dsr = train_dsr(
-                dataset=data,
-                recognizer=rec.outputs["model"],
-                config_yaml=config_yaml,
-                run_root=run_root,
-                vlr_size=size,
-                gpus_per_node=gpus_per_node,
-                nodes=nodes,
-                log_dir=log_dir,
-            )
-            ft = finetune_edgeface(
-                dataset=data,
-                recognizer=rec.outputs["model"],
-                dsr=dsr.outputs["model"],
-                config_yaml=config_yaml,
-                run_root=run_root,
-                gpus_per_node=gpus_per_node,
-                nodes=nodes,
-                log_dir=log_dir,
-            )
-            ft_bicubic = finetune_bicubic(
-                dataset=data,
-                recognizer=rec.outputs["model"],
-                config_yaml=config_yaml,
-                run_root=run_root,
-                vlr_size=size,
-                gpus_per_node=gpus_per_node,
-                nodes=nodes,
-                log_dir=log_dir,
-            )
+            per_size = {"dataset": data, "recognizer": rec.outputs["model"], "config_yaml": config_yaml,
+                        "run_root": run_root, "gpus_per_node": gpus_per_node, "nodes": nodes, "log_dir": log_dir}
+            dsr = train_dsr(vlr_size=size, **per_size)
+            ft = finetune_edgeface(dsr=dsr.outputs["model"], **per_size)
+            ft_bicubic = finetune_bicubic(vlr_size=size, **per_size)
             for task in (dsr, ft, ft_bicubic):
                 apply(task, cluster, gpu_task=True, cache=cluster.cache_training, gpus=gpus_per_node)
         ev = evaluate_vlr(

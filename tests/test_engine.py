@@ -147,6 +147,16 @@ def test_sync_bn_is_refused_where_torch_cannot_run_it():
         ddp.wrap({"model": model}, ddp.DistInfo(0, 2, 0), torch.device("cpu"), sync_bn=True, find_unused=False)
 
 
+def _lrs(opt: torch.optim.Optimizer, sched, steps: int, group: int = 0) -> list[float]:
+    """The LR each of ``steps`` optimiser steps runs at."""
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[group]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
 def test_schedules_and_groups():
     from faceops.train.config import OptimConfig, ScheduleConfig
     from faceops.train.optim import build_optimizer, build_scheduler
@@ -158,11 +168,7 @@ def test_schedules_and_groups():
     sched = build_scheduler(ScheduleConfig(name="cosine", warmup_steps=10, warmup_start_factor=0.01,
                                            min_lr=0.0), opt, total_steps=110, steps_per_epoch=10)
     assert isinstance(sched, torch.optim.lr_scheduler.SequentialLR)
-    lrs = []
-    for _ in range(110):
-        lrs.append(opt.param_groups[1]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _lrs(opt, sched, 110, group=1)
     assert lrs[0] == pytest.approx(0.001) and lrs[10] == pytest.approx(0.1) and lrs[60] == pytest.approx(0.05, rel=0.05)
     assert lrs[-1] < 0.001
     step = build_scheduler(ScheduleConfig(name="step", step_epochs=1, gamma=0.5), opt, 30, 10)
@@ -179,11 +185,7 @@ def test_onecycle_is_torchs():
     opt = build_optimizer(OptimConfig(lr=0.1), {"head": [torch.nn.Parameter(torch.zeros(2))]})
     sched = build_scheduler(ScheduleConfig(name="onecycle", pct_start=0.25), opt, total_steps=100, steps_per_epoch=10)
     assert isinstance(sched, torch.optim.lr_scheduler.OneCycleLR)
-    lrs = []
-    for _ in range(100):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _lrs(opt, sched, 100)
     assert lrs[0] == pytest.approx(0.1 / 25) and max(lrs) == pytest.approx(0.1, rel=1e-3)
     assert lrs.index(max(lrs)) in (24, 25) and lrs[-1] < 1e-4
 
