@@ -35,20 +35,21 @@ class CheckpointNotFoundError(CheckpointError):
     pass
 
 
-def _tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+def named_tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a nested state (dicts, lists, tuples) with its dotted path."""
     if isinstance(obj, torch.Tensor):
         yield path, obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            yield from _tensors(v, f"{path}.{k}" if path else str(k))
+            yield from named_tensors(v, f"{path}.{k}" if path else str(k))
     elif isinstance(obj, list | tuple):
         for i, v in enumerate(obj):
-            yield from _tensors(v, f"{path}[{i}]")
+            yield from named_tensors(v, f"{path}[{i}]")
 
 
 def first_non_finite(state: dict) -> str | None:
     """Name of the first floating tensor holding NaN/Inf, or None."""
-    for name, t in _tensors(state):
+    for name, t in named_tensors(state):
         if t.is_floating_point() and not torch.isfinite(t).all():
             return name
     return None

@@ -193,7 +193,7 @@ class Engine(EngineState):
             self._call("on_step_end")
             if self.step % cfg.log_every_steps == 0 or self.step == 1:
                 now = time.time()
-                self._log(loss, stats, grad_norm, images_log / max(1e-9, now - t_log))
+                self._read_guard(loss, stats, grad_norm, images_log / max(1e-9, now - t_log))
                 t_log, images_log = now, 0
             if self.step % cfg.checkpoint_every_steps == 0 and self._stop is None:
                 self._read_guard(loss, stats, grad_norm, 0.0, log_figures=False)
@@ -213,11 +213,11 @@ class Engine(EngineState):
         if self.guard.inject(self.step, "grad", self.dist.rank):
             next(p for p in self.params if p.grad is not None).grad.fill_(float("nan"))
         self.scaler.unscale_(opt)
-        grads = [p.grad for p in self.params if p.grad is not None]
         if cfg.clip_grad_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm, foreach=True)
         else:  # the norm for the guard and the log, without scaling every gradient by 1
-            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None],
+                                                      foreach=True)
         grad_bad = ~torch.isfinite(grad_norm)
         grad_event = grad_bad
         if self.scaler.is_enabled():  # fp16: inf grads above min_loss_scale are the scaler's skip, not an event
@@ -274,9 +274,6 @@ class Engine(EngineState):
             figures.update(loss=values[0], **dict(zip(stats, values[2:], strict=True)),
                            lr=self.optimizer.param_groups[-1]["lr"], grad_norm=values[1], images_per_s=images_per_s)
         self._call("on_log", figures)
-
-    def _log(self, loss: torch.Tensor, stats: dict, grad_norm: torch.Tensor, images_per_s: float) -> None:
-        self._read_guard(loss, stats, grad_norm, images_per_s)
 
     def _end_epoch(self, seconds: float, partial: bool) -> None:
         cfg = self.cfg

@@ -81,9 +81,9 @@ class EngineState:
         for g in self.optimizer.param_groups:
             for p in g["params"]:
                 out += [v for _, v in sorted(self.optimizer.state.get(p, {}).items()) if torch.is_tensor(v)]
-        for h in self.hooks:
-            if h.state_key and isinstance(h.state_dict(), dict):
-                out += [v for v in h.state_dict().values() if torch.is_tensor(v)]
+        for state in self._hook_states().values():
+            if isinstance(state, dict):
+                out += [v for v in state.values() if torch.is_tensor(v)]
         return out
 
     def _take_snapshot(self) -> None:

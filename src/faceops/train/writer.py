@@ -17,20 +17,9 @@ from typing import Any
 
 import torch
 
-from faceops.train.checkpoint import NonFiniteCheckpointError, save_checkpoint
+from faceops.train.checkpoint import NonFiniteCheckpointError, named_tensors, save_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def _tensors(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            yield from _tensors(v)
 
 
 class CheckpointWriter:
@@ -59,7 +48,7 @@ class CheckpointWriter:
         self.wait()
         host = self._to_host(state, "")
         event = None
-        device = next((t.device for t in _tensors(state) if t.is_cuda), None)
+        device = next((t.device for _, t in named_tensors(state) if t.is_cuda), None)
         if device is not None:  # the copies were queued on that device's stream: wait for them there
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
