@@ -269,19 +269,32 @@ def test_random_credentials_stay_out_of_everything_but_the_secret(chart):
             assert secret_key not in dumped and access_key not in dumped, doc["kind"]
 
 
-def test_kfp_side_secret_configmap_and_pytorchjob_rbac(chart):
+def test_kfp_side_secret_configmap_and_trainjob_rbac(chart):
     docs = render(chart)
     config = only(docs, "ConfigMap", "kfp")
     assert config["metadata"]["namespace"] == "kubeflow"
     assert config["data"]["FACEOPS_PUSHGATEWAY"] == "faceops-pushgateway.faceops.svc:9091"
     role, binding = only(docs, "Role", "kfp"), only(docs, "RoleBinding", "kfp")
-    (pytorchjobs,) = [r for r in role["rules"] if "pytorchjobs" in r["resources"]]
-    assert pytorchjobs["apiGroups"] == ["kubeflow.org"]
-    assert {"create", "get", "watch"} <= set(pytorchjobs["verbs"])
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
+    rules = {resource: rule for rule in role["rules"] for resource in rule["resources"]}
+    assert rules["trainjobs"]["apiGroups"] == ["trainer.kubeflow.org"]
+    # create and wait; delete when the run is cancelled or times out
+    assert {"create", "get", "list", "watch", "delete"} <= set(rules["trainjobs"]["verbs"])
+    assert {"get", "list"} <= set(rules["trainingruntimes"]["verbs"])  # the SDK resolves the runtime
+    for resource in ("pods", "pods/log"):  # the step's own pod (owner reference) and the nodes' logs
+        assert rules[resource]["apiGroups"] == [""] and "get" in rules[resource]["verbs"]
+    assert not any("pytorchjobs" in r["resources"] for r in role["rules"])  # no v1 training operator
+    assert all(set(r["verbs"]) <= {"create", "get", "list", "watch", "delete"} for r in role["rules"])
+    cluster_role, cluster_binding = only(docs, "ClusterRole", "kfp"), only(docs, "ClusterRoleBinding", "kfp")
+    assert cluster_role["rules"] == [{"apiGroups": ["trainer.kubeflow.org"],
+                                      "resources": ["clustertrainingruntimes"], "verbs": ["get", "list"]}]
+    for b, r in ((binding, role), (cluster_binding, cluster_role)):
+        assert b["roleRef"]["name"] == r["metadata"]["name"]
+        assert b["subjects"] == [
+            {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
     assert not of_kind(docs, "ServiceAccount", "kfp")  # KFP brings its own unless asked
+    off = render(chart, {"kfp": {"rbac": {"enabled": False}}})
+    assert not [d for d in off if d["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+                and d["metadata"]["labels"]["app.kubernetes.io/component"] == "kfp"]
 
 
 def test_kfp_in_the_release_namespace_shares_one_secret(chart):

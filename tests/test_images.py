@@ -217,9 +217,9 @@ def test_makefile_builds_and_pushes_every_image_with_registry_and_tag():
 
 def test_one_registry_and_tag_setting_reaches_every_task_and_the_training_job(tmp_path, monkeypatch):
     """`cluster.image_registry/image_tag` (what `make images push REGISTRY= TAG=` built) is on every task,
-    and the multi-node job started inside a GPU step runs the same trainer image."""
+    and the TrainJob a training step launches runs the same trainer image."""
     from faceops.run import compile_pipeline
-    from faceops.train.cluster_job import JobConfig, pytorchjob_manifest
+    from faceops.train.cluster_job import JobConfig, trainjob_manifest
 
     cluster = yaml.safe_load((REPO / "configs" / "cluster_gpu.yaml").read_text())
     cluster["cluster"].update(image_registry="registry.example.com/ml", image_tag="0.9.1")
@@ -236,8 +236,6 @@ def test_one_registry_and_tag_setting_reaches_every_task_and_the_training_job(tm
             env = {e["name"]: e["value"] for e in container.get("env", [])}
             assert env["FACEOPS_TRAINER_IMAGE"] == trainer
     monkeypatch.setenv("FACEOPS_TRAINER_IMAGE", trainer)  # as in the GPU step's pod
-    manifest = pytorchjob_manifest("recognizer", "recognizer: {}\n", [], gpus_per_node=1, nodes=2,
-                                   job=JobConfig(run_id="r1"))
-    images = {c["image"] for spec in manifest["spec"]["pytorchReplicaSpecs"].values()
-              for c in spec["template"]["spec"]["containers"]}
-    assert images == {trainer}
+    manifest = trainjob_manifest("recognizer", "recognizer: {}\n", [], gpus_per_node=1, nodes=2,
+                                 job=JobConfig(run_id="r1"))
+    assert manifest["spec"]["trainer"]["image"] == trainer

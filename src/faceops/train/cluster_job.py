@@ -1,87 +1,99 @@
-"""Training on several nodes: a Kubeflow ``PyTorchJob`` (``kubeflow.org/v1``) running ``faceops train``.
+"""Training on the cluster: a Kubeflow Trainer v2 ``TrainJob`` running ``faceops train`` under torchrun.
 
-One Master and nodes-1 Workers, each running ``torchrun`` (:mod:`faceops.train.torchrun`), created
-through the ``kubernetes`` client and waited for (:mod:`faceops.train.pytorchjob_api`). The manifest
-is a pure function (:func:`pytorchjob_manifest`), tested offline.
+The job references the ``torch-distributed`` ClusterTrainingRuntime: ``numNodes`` pods, each running
+``torchrun -m faceops train ...`` with the rendezvous settings (``PET_*``) the runtime injects. The
+manifest is a pure function (:func:`trainjob_manifest`), checked against the Kubeflow SDK's own models
+(:func:`validate_trainjob`); :func:`run_trainjob` creates it and waits (:mod:`faceops.train.trainjob_api`).
 
-``runPolicy.activeDeadlineSeconds`` equals the wait's timeout, so the training operator stops a job
-that nobody waits for any more at the same deadline and no GPU stays held; the timed-out job itself
-is left in place for its logs. Finished jobs are removed by the operator after
-``JobConfig.ttl_s_after_finished``.
+Cleanup: the TrainJob is owned by the launcher's Pod (``metadata.ownerReferences``), so Kubernetes
+deletes it when that Pod is deleted (run deleted, pods garbage-collected); a launcher that is stopped
+(SIGTERM when the run is cancelled, Ctrl-C) or times out deletes it at once. ``activeDeadlineSeconds``
+equals the wait's timeout, so no job outlives its launcher's patience.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
 import secrets
+import signal
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from faceops import config
 from faceops.config import check
 from faceops.images import TRAINER_IMAGE_ENV, image
-from faceops.train.pytorchjob_api import (
-    PYTORCHJOB_GROUP,
-    PYTORCHJOB_VERSION,
-    PyTorchJobs,
-    kube_client,
+from faceops.train.torchrun import ENTRY_MODULE, LaunchError, train_argv
+from faceops.train.trainjob_api import (
+    TRAINJOB_GROUP,
+    TRAINJOB_KIND,
+    TRAINJOB_VERSION,
+    JobTimeoutError,
+    TrainJobs,
+    kube_config,
     logs_command,
     wait_for_job,
 )
-from faceops.train.registry import get_task
-from faceops.train.torchrun import ENTRY_MODULE, LaunchError, train_argv
 
 log = logging.getLogger(__name__)
 
-CONTAINER_NAME = "pytorch"  # the training operator finds the container (and its port) by this name
-MASTER_PORT_NAME = "pytorchjob-port"  # ... and the rendezvous port by this name
+# The env contract with the pipeline (pipelines/platform.py apply() sets both on training steps; this
+# module imports no torch, so the pipeline may import it at compile time):
+TRAINING_BACKEND_ENV = "FACEOPS_TRAINING_BACKEND"  # "pod" | "trainjob" (cluster.training_backend)
+BACKENDS = ("pod", "trainjob")
+# the cluster config's part a TrainJob needs, as JSON (see cluster_settings_json)
+CLUSTER_ENV = "FACEOPS_TRAINJOB_CLUSTER"
+CLUSTER_KEYS = ("node_selector", "tolerations", "gpu_resource", "s3_secret", "env_configmap")
+S3_ENV_KEYS = ("FACEOPS_S3_ENDPOINT", "FACEOPS_S3_ACCESS_KEY", "FACEOPS_S3_SECRET_KEY", "FACEOPS_S3_SECURE",
+               "FACEOPS_S3_REGION")  # the keys of the chart's Secret, read by faceops.storage.s3
+CONFIGMAP_ENV_KEYS = ("FACEOPS_PUSHGATEWAY",)
+NODE_CONTAINER = "node"  # the runtime's trainer container and replicated job (torch-distributed)
+PATCH_MANAGER = "faceops.dev/launcher"  # owner of our runtimePatches entry
 CONFIG_ENV = "FACEOPS_TRAIN_CONFIG"  # the run's config YAML, written to CONFIG_PATH in each pod
 CONFIG_DIR = "/tmp/faceops"
 CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
 # In each pod: write the config from the environment, then become torchrun with the container's args
-# ("$@", so no argument is ever re-parsed by the shell).
+# ("$@", so no argument is ever re-parsed by the shell). torchrun reads --nnodes, --node_rank, the
+# master address and port, and --nproc_per_node from the PET_* variables the Torch runtime sets.
 POD_SCRIPT = f'mkdir -p {CONFIG_DIR} && printf "%s" "${CONFIG_ENV}" > {CONFIG_PATH} && exec torchrun "$@"'
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # RFC 1035, what the TrainJob webhook demands
 
 
 @dataclass
 class JobConfig:
-    """How a multi-node run becomes a PyTorchJob (config section ``launch:``). No secrets here: pods
-    read the S3 credentials from the Secret ``secret_name``."""
+    """How a run becomes a TrainJob (config section ``launch:``). Placement adds to the cluster config's
+    (``FACEOPS_TRAINJOB_CLUSTER``). No secrets here: pods read the S3 credentials from a Secret."""
 
-    namespace: str | None = None  # None: this pod's namespace in a cluster, else the kubeconfig's
+    namespace: str | None = None  # None: the launcher pod's namespace, else the kubeconfig's
     # CUDA PyTorch + faceops: the image of the step that launches the job (set at compile time)
     image: str = field(default_factory=lambda: os.environ.get(TRAINER_IMAGE_ENV) or image("trainer"))
-    secret_name: str = "faceops-s3"  # Secret with FACEOPS_S3_* (envFrom)
-    env_configmap: str = "faceops-env"  # ConfigMap with FACEOPS_PUSHGATEWAY (optional)
+    runtime: str = "torch-distributed"  # the ClusterTrainingRuntime (Kubeflow Trainer v2) the job uses
+    secret_name: str | None = None  # Secret with FACEOPS_S3_*; None: the cluster's s3_secret, else faceops-s3
+    env_configmap: str | None = None  # ConfigMap with FACEOPS_PUSHGATEWAY; None: the cluster's, else faceops-env
     cpu: str = "4"  # CPU request per node (pod)
     memory: str = "16Gi"  # memory request per node
     memory_limit: str | None = None  # memory limit per node; None = no limit
     shm_size: str = "8Gi"  # /dev/shm (RAM-backed emptyDir) for DataLoader workers and NCCL
-    gpu_resource: str = "nvidia.com/gpu"  # extended resource name of a GPU
-    node_selector: dict[str, str] = field(default_factory=dict)  # e.g. {"nvidia.com/gpu.present": "true"}
-    tolerations: list[dict[str, Any]] = field(default_factory=list)  # e.g. [{key: nvidia.com/gpu, ...}]
+    gpu_resource: str | None = None  # a GPU's resource name; None: cluster accelerator_type, else nvidia.com/gpu
+    node_selector: dict[str, str] = field(default_factory=dict)  # merged over the cluster's gpu_node_selector
+    tolerations: list[dict[str, Any]] = field(default_factory=list)  # added to the cluster's GPU toleration
     service_account: str | None = None  # pods' service account; None = the namespace default
     pod_annotations: dict[str, str] = field(  # Istio sidecars keep finished pods alive and block rendezvous
         default_factory=lambda: {"sidecar.istio.io/inject": "false"})
-    master_port: int = 23456  # torchrun rendezvous port on the Master pod
-    backoff_limit: int = 3  # pod restarts (restartPolicy OnFailure) before the job fails
-    clean_pod_policy: Literal["None", "Running", "All"] = "None"  # "None" keeps pods (and logs) after the end
-    ttl_s_after_finished: int | None = 86400  # the operator deletes a finished job after this
     timeout_s: float = 48 * 3600.0  # wait this long; also the job's activeDeadlineSeconds
     poll_s: float = 30.0  # status polling interval
     run_id: str | None = None  # names the job faceops-<task>-<run_id>; None = time + random suffix
 
     def __post_init__(self) -> None:
-        check(self.timeout_s > 0, f"launch.timeout_s must be > 0, got {self.timeout_s}")
+        check(self.timeout_s >= 1, f"launch.timeout_s must be >= 1, got {self.timeout_s}")
         check(self.poll_s > 0, f"launch.poll_s must be > 0, got {self.poll_s}")
-        check(self.backoff_limit >= 0, f"launch.backoff_limit must be >= 0, got {self.backoff_limit}")
-        check(1 <= self.master_port <= 65535, f"launch.master_port must be a port, got {self.master_port}")
-        check(self.run_id is None or bool(DNS_LABEL.match(self.run_id)),
+        check(self.run_id is None or bool(re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", self.run_id)),
               f"launch.run_id={self.run_id!r} must be lowercase letters, digits and '-' (a DNS label)")
 
 
@@ -90,12 +102,46 @@ def job_config_from_yaml(config_yaml: str) -> JobConfig:
     return config.load(JobConfig, text=config_yaml or "", section="launch", source="<config>")
 
 
+def cluster_settings_json(*, node_selector: dict[str, str] | None = None,
+                          tolerations: list[dict[str, Any]] | None = None, gpu_resource: str | None = None,
+                          s3_secret: str | None = None, env_configmap: str | None = None) -> str:
+    """The value of ``FACEOPS_TRAINJOB_CLUSTER`` for a training step, from the cluster config."""
+    settings = {"node_selector": node_selector or None, "tolerations": tolerations or None,
+                "gpu_resource": gpu_resource, "s3_secret": s3_secret, "env_configmap": env_configmap}
+    return json.dumps({k: v for k, v in settings.items() if v is not None}, sort_keys=True, separators=(",", ":"))
+
+
+def with_cluster_settings(job: JobConfig, env: dict[str, str] | None = None) -> JobConfig:
+    """``job`` completed from the cluster config the pipeline passed in ``FACEOPS_TRAINJOB_CLUSTER``:
+    the run's ``launch:`` values win, node selectors merge, tolerations add up."""
+    raw = (os.environ if env is None else env).get(CLUSTER_ENV) or "{}"
+    try:
+        cluster = json.loads(raw)
+        check(isinstance(cluster, dict), "not a JSON object")
+    except (ValueError, config.ConfigError) as exc:
+        raise LaunchError(f"{CLUSTER_ENV} must be a JSON object (set by the pipeline from the cluster "
+                          f"config): {exc}") from None
+    unknown = set(cluster) - set(CLUSTER_KEYS)
+    if unknown:
+        raise LaunchError(f"{CLUSTER_ENV}: unknown key(s) {sorted(unknown)}")
+    tolerations = list(cluster.get("tolerations") or [])
+    return replace(
+        job,
+        node_selector={**(cluster.get("node_selector") or {}), **job.node_selector},
+        tolerations=tolerations + [t for t in job.tolerations if t not in tolerations],
+        gpu_resource=job.gpu_resource or cluster.get("gpu_resource") or "nvidia.com/gpu",
+        secret_name=job.secret_name or cluster.get("s3_secret") or "faceops-s3",
+        env_configmap=job.env_configmap or cluster.get("env_configmap") or "faceops-env",
+    )
+
+
 def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def job_name(task: str, run_id: str) -> str:
-    name = f"faceops-{task}-{run_id}".lower()[:52].rstrip("-")  # + "-worker-NN" stays a DNS label
+    # pods are <job>-node-0-<index>-<suffix>; 52 characters keep their hostnames DNS labels
+    name = f"faceops-{task}-{run_id}".lower()[:52].rstrip("-")
     if not DNS_LABEL.match(name):
         raise LaunchError(f"job name {name!r} is not a DNS label: use lowercase letters, digits and '-'")
     return name
@@ -106,47 +152,50 @@ def _escape_kube_vars(arg: str) -> str:
     return arg.replace("$(", "$$(")
 
 
-def pytorchjob_manifest(task: str, config_yaml: str, overrides: list[str], *, gpus_per_node: int, nodes: int,
-                        resume: bool = False, job: JobConfig | None = None, name: str | None = None,
-                        namespace: str = "default") -> dict:
-    """The ``kubeflow.org/v1`` PyTorchJob running ``faceops train TASK`` on ``nodes`` pods.
+def owner_reference(pod_name: str, pod_uid: str) -> dict:
+    """The launcher's Pod as the TrainJob's owner: deleting the Pod deletes the job. Neither
+    ``controller`` nor ``blockOwnerDeletion`` (the latter needs update rights on the Pod's finalizers)."""
+    return {"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": pod_uid}
 
-    Each pod runs ``torchrun --nnodes=N --nproc_per_node=G --node_rank=$(RANK)`` against the Master
-    pod; the operator sets ``MASTER_ADDR``/``MASTER_PORT``/``RANK`` (the pod's node rank) per pod.
+
+def trainjob_manifest(task: str, config_yaml: str, overrides: list[str], *, gpus_per_node: int, nodes: int,
+                      resume: bool = False, job: JobConfig | None = None, name: str | None = None,
+                      namespace: str = "default", owner: dict | None = None) -> dict:
+    """The ``trainer.kubeflow.org/v1alpha1`` TrainJob running ``faceops train TASK`` on ``nodes`` pods
+    with ``gpus_per_node`` GPUs each, validated by :func:`validate_trainjob`.
+
+    ``spec.trainer`` carries image, command, resources and env (the S3 keys by reference to the Secret,
+    never values). What ``spec.trainer`` cannot say (placement, service account, /dev/shm, pod
+    annotations) goes in one ``runtimePatches`` entry on the runtime's ``node`` job; env cannot go
+    there (the API refuses env patches on the ``node`` container).
     """
-    job = job or JobConfig()
+    job = with_cluster_settings(job or JobConfig(), env={})  # fills what is unset with the defaults
     run_id = job.run_id or new_run_id()
     name = name or job_name(task, run_id)
-    nproc = max(1, gpus_per_node)
     labels = {"app.kubernetes.io/part-of": "faceops", "app.kubernetes.io/component": "training",
               "faceops/task": task, "faceops/run-id": run_id}
-    args = [f"--nnodes={nodes}", f"--nproc_per_node={nproc}", "--node_rank=$(RANK)",
-            "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)",
-            "-m", ENTRY_MODULE, *map(_escape_kube_vars, train_argv(task, CONFIG_PATH, overrides, resume))]
-    requests = {"cpu": job.cpu, "memory": job.memory}
-    limits: dict[str, Any] = {job.gpu_resource: gpus_per_node} if gpus_per_node > 0 else {}
+    args = ["-m", ENTRY_MODULE, *map(_escape_kube_vars, train_argv(task, CONFIG_PATH, overrides, resume))]
+    limits = {job.gpu_resource: str(gpus_per_node)} if gpus_per_node > 0 else {}
     if job.memory_limit:
         limits["memory"] = job.memory_limit
-    container = {
-        "name": CONTAINER_NAME,
+    secret_env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": job.secret_name, "key": key}}}
+                  for key in S3_ENV_KEYS]
+    configmap_env = [{"name": key, "valueFrom": {"configMapKeyRef": {
+        "name": job.env_configmap, "key": key, "optional": True}}} for key in CONFIGMAP_ENV_KEYS]
+    trainer = {
         "image": job.image,
-        "imagePullPolicy": "IfNotPresent",
         "command": ["sh", "-c", POD_SCRIPT, "faceops-train"],
         "args": args,
-        "env": [
-            {"name": CONFIG_ENV, "value": config_yaml or ""},
-            {"name": "FACEOPS_RUN_ID", "value": run_id},
-            {"name": "FACEOPS_PUSHGATEWAY", "valueFrom": {"configMapKeyRef": {
-                "name": job.env_configmap, "key": "FACEOPS_PUSHGATEWAY", "optional": True}}},
-        ],
-        "envFrom": [{"secretRef": {"name": job.secret_name}}],
-        "resources": {"requests": requests, **({"limits": limits} if limits else {})},
-        "ports": [{"name": MASTER_PORT_NAME, "containerPort": job.master_port, "protocol": "TCP"}],
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "env": [{"name": CONFIG_ENV, "value": config_yaml or ""}, {"name": "FACEOPS_RUN_ID", "value": run_id},
+                *secret_env, *configmap_env],
+        "numNodes": nodes,
+        "numProcPerNode": max(1, gpus_per_node),
+        "resourcesPerNode": {"requests": {"cpu": job.cpu, "memory": job.memory},
+                             **({"limits": limits} if limits else {})},
     }
     pod_spec: dict[str, Any] = {
-        "containers": [container],
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": job.shm_size}}],
+        "containers": [{"name": NODE_CONTAINER, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],
     }
     if job.node_selector:
         pod_spec["nodeSelector"] = dict(job.node_selector)
@@ -154,71 +203,145 @@ def pytorchjob_manifest(task: str, config_yaml: str, overrides: list[str], *, gp
         pod_spec["tolerations"] = [dict(t) for t in job.tolerations]
     if job.service_account:
         pod_spec["serviceAccountName"] = job.service_account
-    template = {"metadata": {"labels": dict(labels), "annotations": dict(job.pod_annotations)},
-                "spec": pod_spec}
-
-    def replicas(n: int) -> dict:
-        return {"replicas": n, "restartPolicy": "OnFailure", "template": template}
-
-    run_policy: dict[str, Any] = {"backoffLimit": job.backoff_limit, "cleanPodPolicy": job.clean_pod_policy,
-                                  "activeDeadlineSeconds": int(job.timeout_s)}
-    if job.ttl_s_after_finished is not None:
-        run_policy["ttlSecondsAfterFinished"] = job.ttl_s_after_finished
-    specs = {"Master": replicas(1), **({"Worker": replicas(nodes - 1)} if nodes > 1 else {})}
-    return {
-        "apiVersion": f"{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}",
-        "kind": "PyTorchJob",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"nprocPerNode": str(nproc), "runPolicy": run_policy, "pytorchReplicaSpecs": specs},
+    pod_template = {"metadata": {"labels": dict(labels), "annotations": dict(job.pod_annotations)},
+                    "spec": pod_spec}
+    patch = {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [
+        {"name": NODE_CONTAINER, "template": {"spec": {"template": pod_template}}}]}}}}
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
+    if owner:
+        metadata["ownerReferences"] = [owner]
+    manifest = {
+        "apiVersion": f"{TRAINJOB_GROUP}/{TRAINJOB_VERSION}",
+        "kind": TRAINJOB_KIND,
+        "metadata": metadata,
+        "spec": {
+            "runtimeRef": {"apiGroup": TRAINJOB_GROUP, "kind": "ClusterTrainingRuntime", "name": job.runtime},
+            "trainer": trainer,
+            "runtimePatches": [patch],
+            "activeDeadlineSeconds": int(job.timeout_s),
+        },
     }
+    validate_trainjob(manifest)
+    return manifest
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if key not in b:
+                return f"{path}.{key}".lstrip(".")
+            if key not in a or a[key] != b[key]:
+                return _first_difference(a.get(key), b[key], f"{path}.{key}")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                return _first_difference(x, y, f"{path}[{i}]")
+    return path.lstrip(".") or "<root>"
+
+
+def validate_trainjob(manifest: dict) -> Any:
+    """The manifest as the Kubeflow SDK's ``TrainerV1alpha1TrainJob`` model. Types are checked by the
+    model; a field the model does not know (a typo, a field of another API version) is dropped by its
+    ``from_dict``, so a manifest that does not come back unchanged from ``to_dict`` is refused."""
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+    from pydantic import ValidationError
+
+    name = manifest.get("metadata", {}).get("name", "?")
+    try:
+        model = TrainerV1alpha1TrainJob.from_dict(manifest)
+    except ValidationError as exc:
+        raise LaunchError(f"TrainJob {name} does not match the Trainer v1alpha1 API: {exc}") from None
+    back = model.to_dict()
+    if back != manifest:
+        raise LaunchError(f"TrainJob {name} does not match the Trainer v1alpha1 API at "
+                          f"{_first_difference(manifest, back)} (unknown field or wrong type)")
+    return model
 
 
 def validate_task_config(task: str, config_yaml: str, overrides: list[str]) -> Any:
     """Load the task's config here, so a typo fails now and not after GPUs were scheduled."""
+    from faceops.train.registry import get_task  # imports the models (torch): not at module import
+
     spec = get_task(task)
     return config.load(spec.config_cls, text=config_yaml or "", overrides=list(overrides), section=spec.section,
                        source="<config>")
 
 
 def check_shared_uris(task: str, cfg: Any) -> None:
-    """Pods on other nodes cannot see this pod's files: the dataset and the output must be in the
-    object store (s3://)."""
+    """The job's pods cannot see this pod's files: the dataset and the output must be in the object
+    store (s3://)."""
     for key in ("data", "out"):
         value = getattr(cfg, key, None)
         if not value or not str(value).startswith("s3://"):
-            raise LaunchError(f"multi-node training of {task}: {key}={value!r} is not reachable from every "
-                              f"node; set it to an s3:// URI (the MinIO store), e.g. --set {key}=s3://bucket/...")
+            raise LaunchError(f"training {task} as a TrainJob: {key}={value!r} is not reachable from the "
+                              f"job's pods; set it to an s3:// URI (the MinIO store), e.g. --set {key}=s3://bucket/...")
 
 
-def run_pytorchjob(task: str, config_yaml: str, overrides: list[str], *, gpus_per_node: int, nodes: int,
-                   resume: bool, job: JobConfig, jobs: PyTorchJobs | None = None,
-                   namespace: str | None = None,
-                   sleep: Callable[[float], None] = time.sleep,
-                   clock: Callable[[], float] = time.monotonic) -> int:
-    """Create the PyTorchJob, print where its logs are, wait for it; 0 on success, raises otherwise."""
+class _Terminated(BaseException):
+    """SIGTERM while waiting (KFP cancelling the run): unwinds the wait like Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into :class:`_Terminated` in the main thread, so the job is deleted on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_trainjob(task: str, config_yaml: str, overrides: list[str], *, gpus_per_node: int, nodes: int,
+                 resume: bool, job: JobConfig, jobs: TrainJobs | None = None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> int:
+    """Create the TrainJob, print where its logs are, wait for it; 0 on success, raises otherwise.
+    Stopped (SIGTERM, Ctrl-C) or timed out, the launcher deletes the job before it exits."""
     check_shared_uris(task, validate_task_config(task, config_yaml, overrides))
+    job = with_cluster_settings(job)
     if jobs is None:
-        from kubernetes import client
-
-        api_client, default_ns = kube_client()
-        jobs = PyTorchJobs(client.CustomObjectsApi(api_client), client.CoreV1Api(api_client))
-        namespace = namespace or default_ns
-    namespace = job.namespace or namespace or "default"
-    manifest = pytorchjob_manifest(task, config_yaml, overrides, gpus_per_node=gpus_per_node, nodes=nodes,
-                                   resume=resume, job=job, namespace=namespace)
+        configuration, default_ns = kube_config()
+        jobs = TrainJobs(configuration, job.namespace or default_ns)
+    namespace = jobs.namespace
+    own = jobs.own_pod()
+    manifest = trainjob_manifest(task, config_yaml, overrides, gpus_per_node=gpus_per_node, nodes=nodes,
+                                 resume=resume, job=job, namespace=namespace,
+                                 owner=owner_reference(*own) if own else None)
     name = manifest["metadata"]["name"]
     jobs.create(manifest)
-    print(f"PyTorchJob {namespace}/{name} created: {nodes} nodes x {max(1, gpus_per_node)} processes "
-          f"({gpus_per_node} GPU(s) each), image {job.image}. Master log: "
-          f"{logs_command(namespace, name, follow=True)}", flush=True)
+    print(f"TrainJob {namespace}/{name} created (runtime {job.runtime}): {nodes} node(s) x "
+          f"{max(1, gpus_per_node)} process(es), {gpus_per_node} GPU(s) each, image {job.image}"
+          f"{', owned by pod ' + own[0] if own else ''}. Logs: {logs_command(namespace, name, follow=True)}",
+          flush=True)
     try:
-        outcome = wait_for_job(lambda: jobs.status(namespace, name), job.timeout_s, job.poll_s, sleep,
-                               name=name, namespace=namespace, clock=clock)
-    except LaunchError:
-        tail = jobs.master_log_tail(namespace, name)
-        if tail:
-            log.error("last lines of %s-master-0:\n%s", name, tail)
+        with _sigterm_unwinds():
+            outcome = wait_for_job(lambda: jobs.status(name), job.timeout_s, job.poll_s, sleep,
+                                   name=name, namespace=namespace, clock=clock)
+    except (_Terminated, KeyboardInterrupt, JobTimeoutError) as exc:
+        _show_log_tail(jobs, name)
+        deleted = jobs.delete(name)
+        if isinstance(exc, JobTimeoutError):
+            raise JobTimeoutError(f"{exc}; {'deleted' if deleted else 'NOT deleted'}") from None
+        if isinstance(exc, _Terminated):
+            raise LaunchError(f"stopped (SIGTERM) while waiting for TrainJob {namespace}/{name}; "
+                              f"{'deleted it' if deleted else 'could NOT delete it'}") from None
         raise
-    print(f"PyTorchJob {namespace}/{name} succeeded in {outcome.seconds:.0f}s "
+    except LaunchError:
+        _show_log_tail(jobs, name)
+        raise
+    print(f"TrainJob {namespace}/{name} complete in {outcome.seconds:.0f}s "
           f"({' -> '.join(t for t, _ in outcome.transitions)})", flush=True)
     return 0
+
+
+def _show_log_tail(jobs: TrainJobs, name: str) -> None:
+    tail = jobs.log_tail(name)
+    if tail:
+        log.error("last lines of TrainJob %s/%s node-0:\n%s", jobs.namespace, name, tail)

@@ -1,7 +1,7 @@
 """``faceops train TASK`` under torchrun: the command line every launcher builds, and the one-node launcher.
 
 On one node with N GPUs, :func:`run_torchrun` starts ``torchrun --standalone --nproc_per_node=N`` as a
-child process and streams its output; a PyTorchJob (:mod:`faceops.train.cluster_job`) runs the same
+child process and streams its output; a TrainJob (:mod:`faceops.train.cluster_job`) runs the same
 module and arguments under torchrun in each pod. The training code knows nothing about either: the
 engine joins the torchrun process group by itself (``WORLD_SIZE > 1``).
 """
