@@ -13,10 +13,13 @@ from faceops.components.stages import (
     finetune_bicubic,
     finetune_edgeface,
     ingest,
+    promote,
+    promotion_gate,
+    run_root,
     train_dsr,
     train_recognizer,
     vlr_roc,
 )
 
 __all__ = ["deploy", "evaluate", "evaluate_vlr", "export", "export_vlr", "finetune_bicubic", "finetune_edgeface",
-           "ingest", "train_dsr", "train_recognizer", "vlr_roc"]
+           "ingest", "promote", "promotion_gate", "run_root", "train_dsr", "train_recognizer", "vlr_roc"]

@@ -1,9 +1,12 @@
 """The components. Imports live inside the functions: KFP ships each function's source to its pod.
 
-``run_root`` is the store URI of this run (``<store>/runs/<run_id>``); each step writes below it.
-The per-size steps of vlr_face (``train_dsr``, ``finetune_edgeface``, ``finetune_bicubic``,
-``vlr_roc``) run once per VLR size inside a ``dsl.ParallelFor``; the steps after the loop take their
-models as ``list[Model]`` (``dsl.Collected``), each model's size in its ``vlr_size`` metadata.
+``run_root`` is the store URI of this run (``<store>/runs/<run_id>``, the ``run_root`` step's output);
+each step writes below it. The per-size steps of vlr_face (``train_dsr``, ``finetune_edgeface``,
+``finetune_bicubic``, ``vlr_roc``) run once per VLR size inside a ``dsl.ParallelFor`` and read the run
+folder from the recognizer's ``run_root`` metadata: kfp's local runner (2.17) replaces every task-output
+parameter a loop receives with the loop item, so a ``run_root`` parameter would arrive there as
+"14x16". The steps after the loop take their models as ``list[Model]`` (``dsl.Collected``), each
+model's size in its ``vlr_size`` metadata.
 """
 
 from kfp import dsl
@@ -16,6 +19,14 @@ SLIM = image("slim")  # light steps
 # The images carry kfp at the lock's version (the one that compiles the pipelines): no step installs
 # anything at pod start, so steps run on egress-restricted clusters.
 INSTALL_KFP = False
+
+
+@dsl.component(base_image=SLIM, install_kfp_package=INSTALL_KFP)
+def run_root(store_uri: str, run_id: str, job_id: str) -> str:
+    """This run's folder in the store: ``run_id`` when given, else the KFP run's id (``job_id``)."""
+    from faceops.stages import run_root_stage
+
+    return run_root_stage(store_uri, run_id, job_id)
 
 
 @dsl.component(base_image=SLIM, install_kfp_package=INSTALL_KFP)
@@ -63,6 +74,7 @@ def train_recognizer(
         log_dir=log_dir,
     )
     log_training(r, model, metrics, "recognizer")
+    model.metadata["run_root"] = run_root  # what the per-size steps write below (see the module docstring)
 
 
 @dsl.component(base_image=TRAINER, install_kfp_package=INSTALL_KFP)
@@ -70,7 +82,6 @@ def train_dsr(
     dataset: Input[Dataset],
     recognizer: Input[Model],
     config_yaml: str,
-    run_root: str,
     vlr_size: str,
     gpus_per_node: int,
     nodes: int,
@@ -84,7 +95,7 @@ def train_dsr(
     r = dsr_stage(
         dataset.metadata["uri"],
         recognizer.metadata["uri"],
-        run_root,
+        recognizer.metadata["run_root"],
         config_yaml,
         vlr_size,
         gpus_per_node=gpus_per_node,
@@ -100,7 +111,6 @@ def finetune_edgeface(
     recognizer: Input[Model],
     dsr: Input[Model],
     config_yaml: str,
-    run_root: str,
     gpus_per_node: int,
     nodes: int,
     log_dir: str,
@@ -113,7 +123,7 @@ def finetune_edgeface(
     r = finetune_stage(
         dataset.metadata["uri"],
         recognizer.metadata["uri"],
-        run_root,
+        recognizer.metadata["run_root"],
         config_yaml,
         dsr.metadata["vlr_size"],
         dsr_uri=dsr.metadata["uri"],
@@ -129,7 +139,6 @@ def finetune_bicubic(
     dataset: Input[Dataset],
     recognizer: Input[Model],
     config_yaml: str,
-    run_root: str,
     vlr_size: str,
     gpus_per_node: int,
     nodes: int,
@@ -143,7 +152,7 @@ def finetune_bicubic(
     r = finetune_stage(
         dataset.metadata["uri"],
         recognizer.metadata["uri"],
-        run_root,
+        recognizer.metadata["run_root"],
         config_yaml,
         vlr_size,
         gpus_per_node=gpus_per_node,
@@ -236,25 +245,28 @@ def export(
     recognizer: Input[Model],
     dataset: Input[Dataset],
     config_yaml: str,
-    repo_uri: str,
+    run_root: str,
     int8: bool,
     trt: bool,
     log_dir: str,
     repo: Output[Model],
 ):
-    """Recognizer -> ONNX (+ INT8, + TensorRT on GPU nodes) with parity gates -> Triton repository."""
+    """Recognizer -> ONNX (+ INT8, + TensorRT on GPU nodes) with parity gates -> the run's staged repository."""
+    from faceops.export.promote import staging_uri
     from faceops.stages import export_stage, log_export
 
+    staged = staging_uri(run_root)
     r = export_stage(
         recognizer.metadata["uri"],
-        repo_uri,
+        staged,
         config_yaml,
         dataset_uri=dataset.metadata["uri"],
         int8=int8,
         trt=trt,
         log_dir=log_dir,
+        staged=True,
     )
-    log_export(r, repo_uri, repo)
+    log_export(r, staged, repo)
 
 
 @dsl.component(base_image=TRAINER, install_kfp_package=INSTALL_KFP)
@@ -264,19 +276,22 @@ def export_vlr(
     finetuned: Input[list[Model]],
     dataset: Input[Dataset],
     config_yaml: str,
-    repo_uri: str,
+    run_root: str,
     int8: bool,
     trt: bool,
     log_dir: str,
     repo: Output[Model],
 ):
     """The HR recognizer as `recognizer`; per VLR size `dsr_<size>`, `recognizer_<size>` (fine-tuned on
-    that size's DSR outputs) and the `vlr_face_<size>` ensemble of the two -> ONNX -> Triton repository."""
+    that size's DSR outputs) and the `vlr_face_<size>` ensemble of the two -> ONNX -> the run's staged
+    repository."""
+    from faceops.export.promote import staging_uri
     from faceops.stages import export_stage, log_export
 
+    staged = staging_uri(run_root)
     r = export_stage(
         recognizer.metadata["uri"],
-        repo_uri,
+        staged,
         config_yaml,
         dsr_uris=[m.metadata["uri"] for m in dsr],
         dataset_uri=dataset.metadata["uri"],
@@ -284,7 +299,38 @@ def export_vlr(
         trt=trt,
         log_dir=log_dir,
         finetuned_uris={m.metadata["vlr_size"]: m.metadata["uri"] for m in finetuned},
+        staged=True,
     )
+    log_export(r, staged, repo)
+
+
+@dsl.component(base_image=SLIM, install_kfp_package=INSTALL_KFP)
+def promotion_gate(evaluation: Input[Metrics], config_yaml: str, log_dir: str, decision: Output[Metrics]) -> bool:
+    """Whether the evaluation meets the config's ``promote`` thresholds (the pipeline's ``dsl.If``)."""
+    from faceops.stages import gate_stage
+
+    r = gate_stage(dict(evaluation.metadata), config_yaml, log_dir)
+    decision.log_metric("promoted", float(r["passed"]))
+    decision.metadata["summary"] = r["summary"]
+    return r["passed"]
+
+
+@dsl.component(base_image=SLIM, install_kfp_package=INSTALL_KFP)
+def promote(
+    staged: Input[Model],
+    evaluation: Input[Metrics],
+    dataset: Input[Dataset],
+    config_yaml: str,
+    repo_uri: str,
+    run_root: str,
+    log_dir: str,
+    repo: Output[Model],
+):
+    """The staged export becomes new served versions in ``repo_uri``, each with its provenance."""
+    from faceops.stages import log_export, promote_stage
+
+    r = promote_stage(staged.metadata["uri"], repo_uri, run_root, dataset.metadata["content_hash"],
+                      dict(evaluation.metadata), config_yaml, log_dir)
     log_export(r, repo_uri, repo)
 
 

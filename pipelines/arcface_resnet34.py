@@ -1,4 +1,5 @@
-"""arcface_resnet34: ingest -> IResNet-34 ArcFace training (seed 002's three phases) -> evaluate -> export."""
+"""arcface_resnet34: ingest -> IResNet-34 ArcFace training (seed 002's three phases) -> evaluate -> export
+(staged) -> promotion gate -> promote."""
 
 from faceops.components import evaluate, export
 from faceops.pipelines.platform import (
@@ -8,6 +9,8 @@ from faceops.pipelines.platform import (
     apply,
     default_config_text,
     ingest_and_train,
+    promoted,
+    run_folder,
 )
 from kfp import dsl
 
@@ -30,7 +33,7 @@ def build(cluster: ClusterConfig | None = None, config_yaml: str | None = None):
         dataset_name: str = "faces",
         store_uri: str = DATA_URI,
         model_repo_uri: str = MODEL_REPO_URI,
-        run_id: str = "arcface-resnet34",
+        run_id: str = "",
         pairs_file: str = "",
         gpus_per_node: int = 1,
         nodes: int = 1,
@@ -38,7 +41,7 @@ def build(cluster: ClusterConfig | None = None, config_yaml: str | None = None):
         trt: bool = False,
         log_dir: str = "",
     ):
-        run_root = f"{store_uri}/runs/{run_id}"
+        run_root = run_folder(cluster, store_uri=store_uri, run_id=run_id)
         data, rec = ingest_and_train(
             cluster, config_yaml=config_yaml, source=source, dataset_name=dataset_name, store_uri=store_uri,
             run_root=run_root, pairs_file=pairs_file, gpus_per_node=gpus_per_node, nodes=nodes, log_dir=log_dir)
@@ -53,12 +56,15 @@ def build(cluster: ClusterConfig | None = None, config_yaml: str | None = None):
             recognizer=rec.outputs["model"],
             dataset=data,
             config_yaml=config_yaml,
-            repo_uri=model_repo_uri,
+            run_root=run_root,
             int8=int8,
             trt=trt,
             log_dir=log_dir,
         )
         for task in (ev, ex):
             apply(task, cluster, gpu_task=True, cache=cluster.cache_training)
+        with promoted(cluster, evaluation=ev.outputs["metrics"], staged=ex.outputs["repo"], data=data,
+                      config_yaml=config_yaml, repo_uri=model_repo_uri, run_root=run_root, log_dir=log_dir):
+            pass  # served; no deploy check here (vlr_face's checks the whole repository)
 
     return arcface_resnet34

@@ -126,15 +126,53 @@ def test_cpu_cluster_has_no_gpu_settings(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_arcface_resnet34_local(tmp_path, capsys):
-    assert main(["run", "arcface_resnet34", "--config", str(TINY), "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    run = tmp_path / "store" / "runs" / "run"
-    assert (tmp_path / "store" / "datasets" / "synthetic" / "manifest.json").is_file()
+def run_folder(out: Path) -> Path:
+    """The one run folder a local run left in ``<out>/store/runs`` (named by its run id)."""
+    (run,) = (out / "store" / "runs").iterdir()
+    return run
+
+
+def _tree(repo: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
+
+
+def test_run_arcface_resnet34_local_then_a_run_below_the_threshold_serves_nothing(tmp_path, capsys):
+    """A run that meets the promote thresholds serves its recognizer with provenance; a second run into the
+    same store whose evaluation misses them (a threshold no model can meet) is a run of its own (its own
+    run folder: nothing resumed) and leaves the served repository byte for byte as it was."""
+    from faceops.export.triton_repo import parse_config, version_provenance
+
+    out = tmp_path / "out"
+    assert main(["run", "arcface_resnet34", "--config", str(TINY), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    run = run_folder(out)
+    assert (out / "store" / "datasets" / "synthetic" / "manifest.json").is_file()
     assert (run / "recognizer" / "last.pt").is_file()
     assert (run / "evaluation" / "metrics.json").is_file() and (run / "evaluation" / "report.html").is_file()
-    assert (tmp_path / "store" / "triton" / "recognizer" / "1" / "model.onnx").is_file()
-    assert "report" in out and str(tmp_path / "logs") in out
+    repo = out / "store" / "triton"
+    assert (repo / "recognizer" / "1" / "model.onnx").is_file()
+    assert "report" in printed and str(out / "logs") in printed and "promoted: verification.accuracy" in printed
+    provenance = version_provenance(parse_config((repo / "recognizer" / "config.pbtxt").read_text()), 1)
+    manifest = json.loads((out / "store" / "datasets" / "synthetic" / "manifest.json").read_text())
+    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    assert provenance["run_id"] == run.name
+    assert provenance["dataset_content_hash"] == manifest["content_hash"]
+    assert float(provenance["verification.accuracy"]) == pytest.approx(metrics["verification"]["accuracy"])
+    served = _tree(repo)
+
+    strict = yaml.safe_load(TINY.read_text())
+    strict["promote"] = {"min": {"verification.accuracy": 1.01}}
+    config = tmp_path / "strict.yaml"
+    config.write_text(yaml.safe_dump(strict))
+    assert main(["run", "arcface_resnet34", "--config", str(config), "--out", str(out), "--param",
+                 "run_id=second"]) == 0
+    printed = capsys.readouterr().out
+    assert "NOT promoted" in printed and "FAILS" in printed and "unchanged: the evaluation missed" in printed
+    assert _tree(repo) == served
+    second = out / "store" / "runs" / "second"
+    assert (second / "staging" / "recognizer" / "1" / "model.onnx").is_file()  # staged, never served
+    assert (second / "recognizer" / "last.pt").is_file()  # trained in its own folder: nothing resumed
+    assert "resumed from" not in (out / "logs" / "train_recognizer.log").read_text()
 
 
 SIZES = ("32x32", "14x16")
@@ -163,7 +201,7 @@ def test_main_job_from_readme_runs_vlr_face(tmp_path):
     assert {"ingest", "train-recognizer", "evaluate-vlr", "export-vlr", "deploy"} <= set(tasks)
     steps = tasks + [f"{step}[{size}]" for step in PER_SIZE_STEPS for size in SIZES]
     check_clean_view(r.stdout + r.stderr, steps, out)  # one line per step start and end, <= 60 lines
-    run = out / "store" / "runs" / "run"
+    run = run_folder(out)
     for size in SIZES:
         for rel in (f"dsr_{size}/best.pt", f"recognizer_finetuned_{size}/last.pt",
                     f"recognizer_finetuned_bicubic_{size}/last.pt"):
@@ -251,12 +289,12 @@ def test_sigkilled_faceops_run_resumes_to_the_same_weights(tmp_path):
     cfg_file.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-    def cmd(out: Path) -> list[str]:
+    def cmd(out: Path) -> list[str]:  # the same run id: the second command resumes the killed run
         return [sys.executable, "-m", "faceops", "run", "arcface_resnet34", "--config", str(cfg_file),
-                "--out", str(out)]
+                "--out", str(out), "--param", "run_id=resumable"]
 
     def recognizer(out: Path) -> Path:
-        return out / "store" / "runs" / "run" / "recognizer"
+        return out / "store" / "runs" / "resumable" / "recognizer"
 
     subprocess.run(cmd(tmp_path / "ref"), check=True, env=env, capture_output=True, timeout=900)
     run = tmp_path / "run"
@@ -295,25 +333,3 @@ def test_params_take_the_pipelines_own_input_types(name):
         assert typed_params(pipeline, {"int8": "true"}) == {"int8": True}
         with pytest.raises(ConfigError, match="int8 is boolean"):
             typed_params(pipeline, {"int8": "maybe"})
-
-
-def test_submit_sends_typed_arguments(monkeypatch):
-    """The arguments kfp.Client receives, as the README's submit command gives them."""
-    import kfp
-
-    from faceops.run import submit
-
-    sent = {}
-
-    class FakeClient:  # stands in for the KFP API server: records what a submit would send
-        def __init__(self, **kw):
-            pass
-
-        def create_run_from_pipeline_func(self, pipeline, arguments, **kw):
-            sent.update(arguments)
-            return type("R", (), {"run_id": "r1"})()
-
-    monkeypatch.setattr(kfp, "Client", FakeClient)
-    submit("vlr_face", "http://kfp.invalid", params={"gpus_per_node": "4", "source": "s3://faces/lfw"},
-           cluster_file=str(GPU_CLUSTER))
-    assert sent["gpus_per_node"] == 4 and isinstance(sent["gpus_per_node"], int)

@@ -35,6 +35,8 @@ SECTIONS: dict[str, str] = {
     "finetune": "faceops.train.finetune:FinetuneConfig",
     "evaluate": "faceops.evaluate.runner:EvalConfig",
     "export": "faceops.export.config:ExportConfig",
+    "promote": "faceops.export.promote:PromoteConfig",
+    "registry": "faceops.export.model_registry:RegistryConfig",
     "launch": "faceops.train.cluster_job:JobConfig",
     "cluster": "faceops.pipelines.platform:ClusterConfig",
 }

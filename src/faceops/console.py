@@ -133,11 +133,13 @@ def _evaluation(metrics: dict) -> str:
 
 
 def _export(result: dict, metadata: dict) -> str:
+    """An export stages (``staged``), a promotion serves (its result names the run)."""
+    verb = "served" if "run_id" in result else "staged"
     models = result.get("models") if isinstance(result, dict) else None
     if isinstance(models, dict):
-        return "served " + ", ".join(f"{name} v{info['version']}" if isinstance(info, dict) and "version" in info
+        return f"{verb} " + ", ".join(f"{name} v{info['version']}" if isinstance(info, dict) and "version" in info
                                      else name for name, info in sorted(models.items()))
-    return "served " + ", ".join(metadata.get("models") or [])
+    return f"{verb} " + ", ".join(metadata.get("models") or [])
 
 
 def _deploy(metrics: dict) -> str:
@@ -158,6 +160,8 @@ def step_figures(task_dir: Path) -> str:
             parts.append(_export(content or {}, metadata))
         elif "verification.accuracy" in metadata or any(k.startswith("vlr.") for k in metadata):
             parts.append(_evaluation(metadata))
+        elif "promoted" in metadata and "summary" in metadata:  # the promotion gate's decision
+            parts.append(str(metadata["summary"]))
         elif "models_ready" in metadata:
             parts.append(_deploy(metadata))
         elif "confidenceMetrics" in metadata:  # a ClassificationMetrics artifact: one ROC curve

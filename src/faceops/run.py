@@ -124,6 +124,7 @@ class LocalRun:
     repo: str  # the Triton model repository
     logs: Path
     seconds: float
+    promoted: bool = True  # the evaluation met the promote thresholds, so the repository serves this run
     report_copy: Path | None = None  # a local copy of a remote evaluation folder (report, images, metrics)
     copy_error: str = ""  # why a remote report could not be copied
 
@@ -155,7 +156,10 @@ class LocalRun:
             rows.append(("report (local)", self.report_copy / "report.html"))
         elif self.copy_error:
             rows.append(("report (local)", f"not copied: {self.copy_error}"))
-        rows += [("metrics", self.metrics), ("model repository", self.repo), ("checkpoints", self.run_root),
+        repo = self.repo if self.promoted else (
+            f"{self.repo}  (unchanged: the evaluation missed the promote thresholds, see {self.logs / 'gate.log'}; "
+            f"this run's export is staged in {self.run_root}/staging)")
+        rows += [("metrics", self.metrics), ("model repository", repo), ("checkpoints", self.run_root),
                  ("logs", self._logs()), ("time", f"{self.seconds / 60:.1f} min")]
         return "\n".join(f"  {k:<17} {v}" for k, v in rows)
 
@@ -200,11 +204,13 @@ def run_local(name: str, *, config_file: str | None = None, overrides: list[str]
     args = {"config_yaml": text, "source": data or "synth://",
             "dataset_name": Path(data).name if data else "synthetic", "store_uri": str(out_dir / "store"),
             "model_repo_uri": str(out_dir / "store" / "triton"),
-            "run_id": "run", "pairs_file": str(Path(pairs).resolve()) if pairs else "",
+            "run_id": f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",  # a new run; --param run_id=... resumes one
+            "pairs_file": str(Path(pairs).resolve()) if pairs else "",
             "gpus_per_node": 0, "nodes": 1, "log_dir": str(logs), **typed}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "kfp"),
                raise_on_error=True)
-    print(f"faceops run {name}: output in {out_dir}\n  runner log: {logs / KFP_LOG}", flush=True)
+    print(f"faceops run {name}: run id {args['run_id']} (--param run_id=... resumes a run), output in {out_dir}"
+          f"\n  runner log: {logs / KFP_LOG}", flush=True)
     t0 = time.time()
     failure = None
     with watch_run(logs / KFP_LOG, out_dir / "kfp", verbose=verbose, loops=loop_items(pipeline, args)):
@@ -216,13 +222,18 @@ def run_local(name: str, *, config_file: str | None = None, overrides: list[str]
         raise PipelineRunError(_failure_message(failure, out_dir))
     store = str(args["store_uri"]).rstrip("/")
     result = LocalRun(out_dir, f"{store}/runs/{args['run_id']}", str(args["model_repo_uri"]), logs,
-                      time.time() - t0)
+                      time.time() - t0, promoted=_wrote_since(logs / "promote.log", t0))
     if is_remote(result.evaluation):
         try:
             result.report_copy = copy_report(result.evaluation, out_dir / "report")
         except (StoreError, FaceopsError) as exc:  # the run itself succeeded: say why there is no copy
             result.copy_error = str(exc)
     return result
+
+
+def _wrote_since(path: Path, t: float) -> bool:
+    """``path`` was written by this run (an ``--out`` used before holds older logs)."""
+    return path.is_file() and path.stat().st_mtime >= t
 
 
 def _failure_message(text: str, out_dir: Path) -> str:
@@ -268,26 +279,3 @@ def compile_pipeline(name: str, output: str, cluster_file: str | None = None) ->
     cluster = config.load(ClusterConfig, cluster_file, section="cluster")
     compiler.Compiler().compile(pipeline_module(name).build(cluster), package_path=output)
     return Path(output)
-
-
-def submit(name: str, host: str, *, namespace: str | None = None, experiment: str | None = None,
-           run_name: str | None = None, params: dict | None = None, cluster_file: str | None = None,
-           token: str | None = None) -> str:
-    """Submit to Kubeflow Pipelines through kfp.Client; returns the run id.
-
-    Auth: ``token`` (or ``KF_PIPELINES_TOKEN``), else kfp's in-cluster / kubeconfig credentials.
-    Credentials for MinIO are never parameters: the components read them from the Secret.
-    """
-    import os
-
-    from kfp import Client
-
-    cluster = config.load(ClusterConfig, cluster_file, section="cluster")
-    client = Client(host=host, namespace=namespace, existing_token=token or os.environ.get("KF_PIPELINES_TOKEN"))
-    run_name = run_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    pipeline = pipeline_module(name).build(cluster)
-    arguments = {"run_id": run_name, **typed_params(pipeline, params or {})}
-    result = client.create_run_from_pipeline_func(
-        pipeline, arguments=arguments, run_name=run_name,
-        experiment_name=experiment, namespace=namespace)
-    return result.run_id

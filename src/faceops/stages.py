@@ -87,7 +87,7 @@ def train_result(out_uri: str) -> dict:
 def train_stage(task: str, dataset_uri: str, out_uri: str, config_yaml: str = "",
                 extra: list[str] | None = None, gpus_per_node: int = 0, nodes: int = 1, resume: bool = True,
                 log_dir: str = "", stage: str = "") -> dict:
-    """Train ``task`` (recognizer | dsr | finetune); in-process, torchrun, or a PyTorchJob. ``stage``
+    """Train ``task`` (recognizer | dsr | finetune); in-process, torchrun, or a Kubeflow TrainJob. ``stage``
     names the log (default: the task's own stage)."""
     from faceops.train.launch import launch_training
     from faceops.train.registry import get_task
@@ -127,18 +127,72 @@ def evaluate_stage(model_uri: str, dataset_uri: str, out_uri: str, config_yaml: 
         return {**result, "report_dir": out_dir}
 
 
+def run_root_stage(store_uri: str, run_id: str, job_id: str) -> str:
+    """This run's folder in the store, ``<store>/runs/<run_id>``: the ``run_id`` parameter when given
+    (to resume or continue a run on purpose), else the KFP run's own id (``job_id``), so two runs
+    never share checkpoints and a retried step of one run resumes its own."""
+    chosen = (run_id or job_id).strip()
+    if not chosen or "/" in chosen or chosen in (".", ".."):
+        raise FaceopsError(f"run_id {chosen!r}: expected a name without '/', or empty for KFP's run id")
+    return f"{store_uri.rstrip('/')}/runs/{chosen}"
+
+
 def export_stage(model_uri: str, repo_uri: str, config_yaml: str = "", dsr_uris: list[str] | None = None,
                  dataset_uri: str = "", int8: bool = False, trt: bool = False, log_dir: str = "",
-                 finetuned_uris: dict[str, str] | None = None) -> dict:
+                 finetuned_uris: dict[str, str] | None = None, staged: bool = False) -> dict:
     """Export into the Triton repository ``repo_uri``; ``finetuned_uris`` (``{size: URI}``): each VLR
-    size's own recognizer, served as ``recognizer_<size>`` behind that size's ``vlr_face_<size>``."""
+    size's own recognizer, served as ``recognizer_<size>`` behind that size's ``vlr_face_<size>``.
+    ``staged``: ``repo_uri`` is the run's staging folder, emptied first so a retried step stages one
+    version of each model (:func:`promote_stage` serves them)."""
     from faceops.export.api import export_model
     from faceops.export.config import ExportConfig
+    from faceops.export.promote import clear
 
     with stage_log(log_dir, "export"):
         cfg = section(ExportConfig, config_yaml, "export")
+        if staged:
+            clear(repo_uri)
         return export_model(model_uri, repo_uri, int8=int8, trt=trt, dsr_uri=dsr_uris or None,
                             calib_dataset=dataset_uri or None, cfg=cfg, finetuned_uri=finetuned_uris or None)
+
+
+def gate_stage(metrics: dict[str, float], config_yaml: str = "", log_dir: str = "") -> dict:
+    """Whether the evaluation's figures (flattened) meet the config's ``promote`` thresholds."""
+    from faceops.export.promote import PromoteConfig, gate
+
+    with stage_log(log_dir, "gate"):
+        decision = gate(metrics, section(PromoteConfig, config_yaml, "promote"))
+        log.info("%s", decision.describe())
+        print(decision.describe(), flush=True)
+        return {"passed": decision.passed, "summary": decision.describe(),
+                "checks": [{"metric": c.metric, "value": c.value, "op": c.op, "bound": c.bound, "ok": c.ok}
+                           for c in decision.checks]}
+
+
+def promote_stage(staged_uri: str, repo_uri: str, run_root: str, dataset_hash: str, metrics: dict[str, float],
+                  config_yaml: str = "", log_dir: str = "") -> dict:
+    """Serve a run's staged export: every staged model a new version in ``repo_uri``, with its provenance,
+    and (config ``registry.enabled``) an entry per version in the Kubeflow Model Registry. The registry
+    comes second: a registry failure fails the step after Triton serves the run, and re-running the step's
+    registration (idempotent) completes it."""
+    from faceops.export.config import ExportConfig
+    from faceops.export.model_registry import RegistryConfig, register_promoted
+    from faceops.export.promote import promote, provenance, run_id_of
+    from faceops.export.triton_repo import validate_repository
+
+    with stage_log(log_dir, "promote"):
+        cfg = section(ExportConfig, config_yaml, "export")
+        run_id = run_id_of(run_root)
+        plan = promote(staged_uri, repo_uri, run_id=run_id, dataset_hash=dataset_hash, metrics=metrics,
+                       keep=cfg.num_versions)
+        registry = section(RegistryConfig, config_yaml, "registry")
+        if registry.enabled:
+            platforms = {n: c.platform for n, c in validate_repository(open_store(repo_uri)).items()}
+            records = provenance(sorted(plan), run_id, dataset_hash, metrics)
+            for name, version in sorted(plan.items()):
+                register_promoted(registry, {name: version}, repo_uri, records[name], platforms)
+        return {"repo": repo_uri, "models": {name: {"version": v} for name, v in sorted(plan.items())},
+                "run_id": run_id, "registered": registry.enabled}
 
 
 def deploy_stage(repo_uri: str, dataset_uri: str = "", triton_url: str = "", log_dir: str = "") -> dict:

@@ -44,6 +44,8 @@ TRITON_GPUS_ENV = "FACEOPS_TRITON_GPUS"
 #: name of ONNX Runtime's TensorRT execution accelerator in Triton's onnxruntime backend
 TENSORRT_ACCELERATOR = "tensorrt"
 WARMUP_NAME = "zeros"
+#: config.pbtxt parameters ``provenance.<version>.<key>``: where each served version came from
+PROVENANCE_PREFIX = "provenance."
 
 
 class ModelConfigError(FaceopsError):
@@ -219,12 +221,16 @@ def next_version(store: ObjectStore, model: str) -> int:
 
 
 def publish(store: ObjectStore, models: list[tuple[mc.ModelConfig, str | Path | None]],
-            keep: int = 1) -> dict[str, int]:
+            keep: int = 1, provenance: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, int]:
     """Publish ``models`` as new versions, all or none; returns each model's new version.
 
     Phase 1 uploads every file into its (inert) new version folder and removes them again if one
     upload fails. Phase 2 rewrites the configs to serve the last ``keep`` versions, leaf models
-    first and then the ensembles, each ensemble step pinned to the version written with it.
+    first and then the ensembles, each ensemble step pinned to the version written with it. A version
+    that another ensemble of the repository pins stays served: publishing one pipeline's models never
+    changes what another pipeline's ensembles answer.
+    ``provenance`` (``{model: {key: text}}``) becomes the new version's ``provenance.<version>.<key>``
+    parameters; those of the older versions still served are kept from the current config.
     """
     plan = {config.name: next_version(store, config.name) for config, _ in models}
     written: list[str] = []
@@ -248,15 +254,52 @@ def publish(store: ObjectStore, models: list[tuple[mc.ModelConfig, str | Path | 
             except FaceopsError:
                 break
         raise
+    pinned = pinned_versions(store, exclude=set(plan))
     for config, _ in sorted(models, key=lambda m: m[0].platform == "ensemble"):
         name, version = config.name, plan[config.name]
         config.version_policy.ClearField("latest")
-        config.version_policy.specific.versions[:] = [v for v in versions(store, name) if v <= version][-keep:]
+        recent = [v for v in versions(store, name) if v <= version][-keep:]
+        config.version_policy.specific.versions[:] = sorted(set(recent) | pinned.get(name, set()))
         for step in config.ensemble_scheduling.step:
             step.model_version = plan.get(step.model_name, step.model_version)
+        _record_provenance(store, config, version, (provenance or {}).get(name, {}))
         store.put_bytes(f"{name}/{CONFIG}", to_text(config).encode())
         log.info("Triton repository: %s version %d (%s)", store.url(name), version, config.platform)
     return plan
+
+
+def pinned_versions(store: ObjectStore, exclude: set[str] = frozenset()) -> dict[str, set[int]]:
+    """``{model: versions}`` that the repository's ensembles (but those in ``exclude``) pin."""
+    pinned: dict[str, set[int]] = {}
+    for key in store.list():
+        parts = key.split("/")
+        if len(parts) != 2 or parts[1] != CONFIG or parts[0] in exclude:
+            continue
+        config = parse_config(store.get_bytes(key).decode(), store.url(key))
+        for step in config.ensemble_scheduling.step:
+            if step.model_version > 0:
+                pinned.setdefault(step.model_name, set()).add(step.model_version)
+    return pinned
+
+
+def _record_provenance(store: ObjectStore, config: mc.ModelConfig, version: int, record: Mapping[str, str]) -> None:
+    """Config parameters saying where each served version came from: the new version's ``record``,
+    and the older served versions' entries carried over from the config being replaced."""
+    served = set(config.version_policy.specific.versions) - {version}
+    key = f"{config.name}/{CONFIG}"
+    if served and store.exists(key):
+        current = parse_config(store.get_bytes(key).decode(), store.url(key))
+        for name, value in current.parameters.items():
+            if name.startswith(PROVENANCE_PREFIX) and name.split(".")[1] in {str(v) for v in served}:
+                config.parameters[name].string_value = value.string_value
+    for name, value in record.items():
+        config.parameters[f"{PROVENANCE_PREFIX}{version}.{name}"].string_value = str(value)
+
+
+def version_provenance(config: mc.ModelConfig, version: int) -> dict[str, str]:
+    """What a config records about where ``version`` came from (empty for an unrecorded one)."""
+    prefix = f"{PROVENANCE_PREFIX}{version}."
+    return {k.removeprefix(prefix): v.string_value for k, v in config.parameters.items() if k.startswith(prefix)}
 
 
 def validate_repository(store: ObjectStore) -> dict[str, mc.ModelConfig]:
