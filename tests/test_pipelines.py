@@ -117,6 +117,31 @@ def test_ir_trains_every_vlr_size_in_a_loop_and_shows_the_evaluation_in_kfp_ui()
         _outputs(arcface, "evaluate").values())
 
 
+def test_trainjob_backend_training_steps_are_launchers_holding_no_gpu(tmp_path):
+    """cluster.training_backend: trainjob -> each training step launches a TrainJob and waits: no GPU, no
+    /dev/shm, and the placement of the cluster config handed over in its environment; evaluation and export
+    keep their GPU."""
+    cluster = yaml.safe_load(GPU_CLUSTER.read_text())
+    cluster["cluster"]["training_backend"] = "trainjob"
+    config = tmp_path / "cluster_trainjob.yaml"
+    config.write_text(yaml.safe_dump(cluster))
+    spec, platform = _load(compile_pipeline("vlr_face", str(tmp_path / "vlr_face.yaml"), str(config)))
+    execs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for task_name, task in _leaf_tasks(spec):
+        executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        container = spec["deploymentSpec"]["executors"][executor]["container"]
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        if task_name in TRAINING_TASKS:
+            assert "accelerator" not in container.get("resources", {}), task_name
+            assert "emptyDirMounts" not in execs[executor] and "nodeSelector" not in execs[executor]
+            assert env["FACEOPS_TRAINING_BACKEND"] == "trainjob"
+            placement = json.loads(env["FACEOPS_TRAINJOB_CLUSTER"])
+            assert placement["node_selector"] == {"nvidia.com/gpu.present": "true"}
+            assert placement["tolerations"][0]["key"] == "nvidia.com/gpu"
+        elif task_name in GPU_TASKS["vlr_face"]:
+            assert container["resources"]["accelerator"]["resourceCount"] == "1", task_name
+
+
 def test_cpu_cluster_has_no_gpu_settings(tmp_path):
     out = compile_pipeline("arcface_resnet34", str(tmp_path / "cpu.yaml"))
     spec, platform = _load(out)
