@@ -110,6 +110,12 @@ class StandIn:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def __enter__(self) -> StandIn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -203,11 +209,8 @@ def test_wait_follows_a_run_to_success(kfp_env, tmp_path, capsys, caplog):
     store = tmp_path / "store"
     (store / "runs/faces-1/evaluation").mkdir(parents=True)
     (store / "runs/faces-1/evaluation/metrics.json").write_text(json.dumps(METRICS))
-    stand_in = StandIn(SUCCESS)
-    try:
+    with StandIn(SUCCESS) as stand_in:
         code = main(submit_args(stand_in.url, store))
-    finally:
-        stand_in.close()
     out, err = capsys.readouterr()
     assert code == 0, err
     lines = out.splitlines()
@@ -242,11 +245,8 @@ def test_wait_follows_a_run_to_success(kfp_env, tmp_path, capsys, caplog):
 
 
 def test_failed_run_exits_1_naming_the_step_and_its_error(kfp_env, tmp_path, capsys, caplog):
-    stand_in = StandIn(FAILURE)
-    try:
+    with StandIn(FAILURE) as stand_in:
         code = main(submit_args(stand_in.url, tmp_path))
-    finally:
-        stand_in.close()
     out, err = capsys.readouterr()
     assert code == 1
     assert "  train-dsr[14x16]  FAILED" in out.splitlines()
@@ -257,12 +257,9 @@ def test_failed_run_exits_1_naming_the_step_and_its_error(kfp_env, tmp_path, cap
 
 
 def test_without_wait_prints_the_link_and_returns(kfp_env, tmp_path, capsys):
-    stand_in = StandIn(SUCCESS)
-    try:
+    with StandIn(SUCCESS) as stand_in:
         args = [a for a in submit_args(stand_in.url, tmp_path) if a not in ("--wait",)]
         code = main(args)
-    finally:
-        stand_in.close()
     out = capsys.readouterr().out
     assert code == 0 and out.splitlines() == ["submitted vlr_face: run id run-7",
                                               f"  {stand_in.url}/#/runs/details/run-7"]
@@ -276,11 +273,8 @@ def test_ctrl_c_stops_following_not_the_run(kfp_env, tmp_path, capsys, monkeypat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(faceops.submit, "follow", interrupted)
-    stand_in = StandIn(SUCCESS)
-    try:
+    with StandIn(SUCCESS) as stand_in:
         code = main(submit_args(stand_in.url, tmp_path))
-    finally:
-        stand_in.close()
     err = capsys.readouterr().err
     assert code == 130
     assert f"run {RUN_ID} goes on" in err and f"follow it again: faceops follow {RUN_ID} --host {stand_in.url}" in err
@@ -288,32 +282,23 @@ def test_ctrl_c_stops_following_not_the_run(kfp_env, tmp_path, capsys, monkeypat
 
 
 def test_timeout_stops_following_with_124(kfp_env, tmp_path, capsys):
-    stand_in = StandIn(SUCCESS[:2])  # stays RUNNING
-    try:
+    with StandIn(SUCCESS[:2]) as stand_in:  # stays RUNNING
         code = main(submit_args(stand_in.url, tmp_path, "--timeout", "0.3"))
-    finally:
-        stand_in.close()
     err = capsys.readouterr().err
     assert code == 124 and "had not finished after 0.3 s (last state RUNNING)" in err and "faceops follow" in err
 
 
 def test_follow_an_existing_run(kfp_env, capsys):
-    stand_in = StandIn(SUCCESS)
-    stand_in.created = {}  # a run submitted elsewhere: no spec known here, every task shown
-    try:
+    with StandIn(SUCCESS) as stand_in:
+        stand_in.created = {}  # a run submitted elsewhere: no spec known here, every task shown
         code = main(["follow", RUN_ID, "--host", stand_in.url, "--interval", "0.01"])
-    finally:
-        stand_in.close()
     out = capsys.readouterr().out
     assert code == 0 and "run SUCCEEDED" in out and "  ingest  SUCCEEDED" in out
 
 
 def test_bad_token_is_one_line_naming_the_fix(kfp_env, tmp_path, capsys, caplog):
-    stand_in = StandIn(SUCCESS, need_token="another-token")
-    try:
+    with StandIn(SUCCESS, need_token="another-token") as stand_in:
         code = main(submit_args(stand_in.url, tmp_path))
-    finally:
-        stand_in.close()
     out, err = capsys.readouterr()
     assert code == 1 and stand_in.calls == [("GET", "/apis/v2beta1/healthz")]
     assert err.strip().count("\n") == 0, err

@@ -130,10 +130,7 @@ def register_promoted(cfg: RegistryConfig, versions: Mapping[str, int], repo_uri
 
 def registry_versions(cfg: RegistryConfig, model: str) -> list[RegistryVersion]:
     """Every registered version of Triton model ``model`` with its provenance, oldest first."""
-    _require_enabled(cfg)
-    token = _token()
-    with _calls(cfg, token, "connecting"):
-        client = _connect(cfg, token)
+    client, token = _connected(cfg)
     with _calls(cfg, token, f"listing the versions of {model}"):
         _require_model(client, cfg, model)
         out = [_entry(client, model, mv) for mv in client.get_model_versions(model) if mv.name.isdigit()]
@@ -142,10 +139,7 @@ def registry_versions(cfg: RegistryConfig, model: str) -> list[RegistryVersion]:
 
 def registry_version(cfg: RegistryConfig, model: str, version: int) -> RegistryVersion:
     """One registered version (to roll back to): its URI and provenance; an error when absent."""
-    _require_enabled(cfg)
-    token = _token()
-    with _calls(cfg, token, "connecting"):
-        client = _connect(cfg, token)
+    client, token = _connected(cfg)
     with _calls(cfg, token, f"reading {model} version {version}"):
         _require_model(client, cfg, model)
         mv = client.get_model_version(model, str(version))
@@ -153,6 +147,14 @@ def registry_version(cfg: RegistryConfig, model: str, version: int) -> RegistryV
             raise RegistryError(f"{model} version {version} is not registered in the Model Registry at "
                                 f"{_address(cfg)}; list the registered ones with registry_versions")
         return _entry(client, model, mv)
+
+
+def _connected(cfg: RegistryConfig) -> tuple[Any, str | None]:
+    """A client of an enabled registry, and the token it sends (kept for scrubbing error texts)."""
+    _require_enabled(cfg)
+    token = _token()
+    with _calls(cfg, token, "connecting"):
+        return _connect(cfg, token), token
 
 
 def artifact_uri(repo_uri: str, model: str, version: int) -> str:
