@@ -29,14 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "as it starts and ends with its key figures, and where the report, metrics, model repository and logs "
         "are; the runner's whole output (executor input/output, warnings) goes to <out>/logs/kfp.log (-v: "
         "to the console as well). With --param store_uri=s3://BUCKET the outputs go to the bucket "
-        "(FACEOPS_S3_* from the environment) and the report is copied to <out>/report.")
+        "(FACEOPS_S3_* from the environment) and the report is copied to <out>/report. Each run is a new "
+        "run (its id, printed first, names its folder <store>/runs/<id>); --param run_id=ID resumes run ID. "
+        "Models are served only when the evaluation meets the config's promote thresholds.")
     p.add_argument("pipeline", choices=sorted(PIPELINES))
     add_config_args(p, None, "recognizer.engine.epochs=3")
     p.add_argument("--data", metavar="DIR", help="a folder with one sub-folder per identity (default: synthetic)")
     p.add_argument("--pairs", metavar="FILE", help="an LFW pairs file to import with --data")
     p.add_argument("--out", metavar="DIR", help="output folder (default faceops-runs/<pipeline>-<time>)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="pipeline parameter, e.g. --param vlr_sizes=14x16")
+                   help="pipeline parameter, e.g. --param vlr_sizes=14x16, --param run_id=ID (resume run ID)")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="show the runner's whole output as well (as `faceops -v run`)")
     p.set_defaults(func=run)
