@@ -87,7 +87,9 @@ SUCCESS = [
     snapshot("SUCCEEDED", [task("ingest", "SUCCEEDED", "n-ingest"),
                            task("train-recognizer", "SUCCEEDED", "n-rec", minute=1),
                            *loop_tasks(("SUCCEEDED", "SUCCEEDED")),
-                           task("evaluate-vlr", "SUCCEEDED", "n-eval", minute=5)]),
+                           task("evaluate-vlr", "SUCCEEDED", "n-eval", minute=5),
+                           task("promotion-gate", "SUCCEEDED", "n-gate", minute=6),
+                           task("promote", "SUCCEEDED", "n-promote", minute=7)]),
 ]
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 FAILURE = [
@@ -207,8 +209,8 @@ def assert_no_secret(*texts: str) -> None:
 
 def test_wait_follows_a_run_to_success(kfp_env, tmp_path, capsys, caplog):
     store = tmp_path / "store"
-    (store / "runs/faces-1/evaluation").mkdir(parents=True)
-    (store / "runs/faces-1/evaluation/metrics.json").write_text(json.dumps(METRICS))
+    (store / f"runs/{RUN_ID}/evaluation").mkdir(parents=True)  # no run_id parameter: the folder is KFP's run id
+    (store / f"runs/{RUN_ID}/evaluation/metrics.json").write_text(json.dumps(METRICS))
     with StandIn(SUCCESS) as stand_in:
         code = main(submit_args(stand_in.url, store))
     out, err = capsys.readouterr()
@@ -228,9 +230,12 @@ def test_wait_follows_a_run_to_success(kfp_env, tmp_path, capsys, caplog):
         "  train-dsr[32x32]  SUCCEEDED",
         "  train-dsr[14x16]  SUCCEEDED",
         "  evaluate-vlr  SUCCEEDED",
+        "  promotion-gate  SUCCEEDED",
+        "  promote  SUCCEEDED",
         "run SUCCEEDED",
     ]
-    evaluation = f"{store}/runs/faces-1/evaluation"
+    evaluation = f"{store}/runs/{RUN_ID}/evaluation"
+    assert "  served: the evaluation met the promote thresholds" in out
     assert "run run-7 SUCCEEDED after 12.0 min" in out
     assert f"  metrics          {evaluation}/metrics.json" in out
     assert any(ln.startswith("HR ") and "0.9500" in ln for ln in lines), out  # the metrics table
@@ -239,7 +244,8 @@ def test_wait_follows_a_run_to_success(kfp_env, tmp_path, capsys, caplog):
                               ("GET", "/apis/v2beta1/experiments"), ("POST", "/apis/v2beta1/experiments"),
                               ("POST", "/apis/v2beta1/runs")] + [("GET", f"/apis/v2beta1/runs/{RUN_ID}")] * 5
     params = stand_in.created["runtime_config"]["parameters"]
-    assert params["gpus_per_node"] == 2 and params["vlr_sizes"] == ["32x32", "14x16"] and params["run_id"] == "faces-1"
+    assert params["gpus_per_node"] == 2 and params["vlr_sizes"] == ["32x32", "14x16"]
+    assert "run_id" not in params  # a new run: never another run's folder
     assert stand_in.auth == {f"Bearer {TOKEN}"}
     assert_no_secret(out, err, caplog.text)
 

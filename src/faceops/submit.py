@@ -153,7 +153,9 @@ def submit(name: str, host: str, *, namespace: str | None = None, experiment: st
     cluster = config.load(ClusterConfig, cluster_file, section="cluster")
     pipeline = pipeline_module(name).build(cluster)
     run_name = run_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    arguments = {"run_id": run_name, **typed_params(pipeline, params or {})}
+    # no run_id unless given: the pipeline's default is KFP's own run id, so neither two runs of one name
+    # nor a clone of this run in the UI ever share (and resume) this run's folder
+    arguments = typed_params(pipeline, params or {})
     client = connect(host, namespace=namespace, token=token)
     try:  # kfp prints its own experiment/run links; the caller prints ours
         with contextlib.redirect_stdout(io.StringIO()):
@@ -300,15 +302,27 @@ def _host(client) -> str:
 
 def run_outputs(run) -> str | None:
     """The run's evaluation folder in the store, from its ``store_uri`` and ``run_id`` parameters
-    (as given, else the pipeline's defaults); None when the pipeline has no such parameters."""
+    (as given, else the pipeline's defaults; an empty ``run_id`` is KFP's run id, as in the pipeline's
+    ``run-root`` step); None when the pipeline has no ``store_uri``."""
     spec = run.pipeline_spec or {}
     spec = spec.get("pipeline_spec", spec)
     defaults = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
     given = (run.runtime_config and run.runtime_config.parameters) or {}
-    values = {k: given.get(k, defaults.get(k, {}).get("defaultValue")) for k in ("store_uri", "run_id")}
-    if not all(values.values()):
+    store_uri, run_id = (given.get(k, defaults.get(k, {}).get("defaultValue")) for k in ("store_uri", "run_id"))
+    if not store_uri:
         return None
-    return f"{str(values['store_uri']).rstrip('/')}/runs/{values['run_id']}/evaluation"
+    return f"{str(store_uri).rstrip('/')}/runs/{run_id or run.run_id}/evaluation"
+
+
+def promotion(run) -> str:
+    """Whether the run served its models: its ``promote`` step ran, or the gate kept them staged."""
+    states = {label: state for label, state, _ in task_states(run, PipelineShape.of(run)).values()}
+    if "promote" in states:
+        return "served: the evaluation met the promote thresholds (new versions in the model repository)"
+    if "promotion-gate" in states:
+        return ("NOT served: the evaluation missed the promote thresholds (see the promotion-gate step's log); "
+                "the models stay staged in the run's folder")
+    return ""
 
 
 def _metrics_table(evaluation: str) -> str:
@@ -337,6 +351,9 @@ def finish(run, link: str, echo: Callable[[str], None] = print) -> int:
         if not failed and not (run.error and run.error.message):
             echo("  the API names no failed step: see the run in the UI")
         return 1
+    served = promotion(run)
+    if served:
+        echo(f"  {served}")
     evaluation = run_outputs(run)
     if evaluation:
         echo(f"  report           {evaluation}/report.html\n  metrics          {evaluation}/metrics.json")
