@@ -150,7 +150,6 @@ def test_cpu_cluster_has_no_gpu_settings(tmp_path):
     assert "nodeSelector" not in str(platform)
 
 
-@pytest.mark.slow
 def run_folder(out: Path) -> Path:
     """The one run folder a local run left in ``<out>/store/runs`` (named by its run id)."""
     (run,) = (out / "store" / "runs").iterdir()
@@ -161,6 +160,7 @@ def _tree(repo: Path) -> dict[str, bytes]:
     return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_run_arcface_resnet34_local_then_a_run_below_the_threshold_serves_nothing(tmp_path, capsys):
     """A run that meets the promote thresholds serves its recognizer with provenance; a second run into the
     same store whose evaluation misses them (a threshold no model can meet) is a run of its own (its own

@@ -174,3 +174,82 @@ def test_promoting_another_pipelines_recognizer_leaves_the_vlr_ensembles_answers
     ensemble_after, recognizer_after = answers()
     np.testing.assert_array_equal(ensemble_after, ensemble_before)
     assert np.abs(recognizer_after - recognizer_before).max() > 1e-3  # the new recognizer is served
+
+
+# -- one publish at a time, retries, and no moment with a dangling pin -----------------------------
+def test_a_retried_promotion_serves_nothing_twice(models, tmp_path):
+    live = tmp_path / "triton"
+    staged = _stage(tmp_path, "a", models[0], {"32x32": models[2]})
+    first = promote(staged, str(live), run_id="a", dataset_hash="h", metrics=METRICS)
+    before = {p: p.read_bytes() for p in sorted(live.rglob("*")) if p.is_file()}
+    assert promote(staged, str(live), run_id="a", dataset_hash="h", metrics=METRICS) == first
+    assert {p: p.read_bytes() for p in sorted(live.rglob("*")) if p.is_file()} == before
+    assert promote(staged, str(live), run_id="b", dataset_hash="h", metrics=METRICS)["recognizer"] == 2
+
+
+def test_two_promotions_at_once_get_distinct_versions_each_recorded(models, tmp_path):
+    import threading
+
+    live = tmp_path / "triton"
+    staged = {run: _stage(tmp_path, run, models[0]) for run in ("a", "b")}
+    plans: dict[str, dict[str, int]] = {}
+    threads = [threading.Thread(target=lambda r=r: plans.update({r: promote(
+        staged[r], str(live), run_id=r, dataset_hash="h", metrics=METRICS, keep=2)})) for r in staged]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(p["recognizer"] for p in plans.values()) == [1, 2]
+    config = _config(live, "recognizer")
+    assert list(config.version_policy.specific.versions) == [1, 2]
+    for run, plan in plans.items():
+        assert version_provenance(config, plan["recognizer"])["run_id"] == run
+    assert not (live / ".faceops-publish.lock").exists()  # released
+
+
+def test_a_held_lock_makes_a_publish_wait_then_fail_naming_the_holder_and_a_stale_one_is_broken(tmp_path):
+    import json
+    import time
+
+    from faceops.export.triton_repo import LOCK, repository_lock
+
+    store = LocalStore(tmp_path / "triton")
+    with (repository_lock(store, "run a"),
+          pytest.raises(FaceopsError, match=r"another publish \(run a\).*delete the lock"),
+          repository_lock(store, "run b", wait_s=0.2, poll_s=0.05)):
+        pass
+    assert not store.exists(LOCK)
+    store.put_bytes(LOCK, json.dumps({"holder": "run dead", "since": time.time() - 7200}).encode())
+    with repository_lock(store, "run c", wait_s=0.2, poll_s=0.05):
+        assert b"run c" in store.get_bytes(LOCK)
+
+
+def test_no_moment_of_a_promotion_leaves_an_ensemble_pinning_an_unserved_version(models, tmp_path, monkeypatch):
+    """Triton polls the repository: after every config write, each ensemble's pinned versions are served."""
+    from faceops.export.triton_repo import CONFIG, parse_config, served_versions
+
+    class Watched(LocalStore):
+        checks = 0
+
+        def put_bytes(self, key, data):
+            info = super().put_bytes(key, data)
+            if key.endswith(CONFIG):
+                configs = {k.split("/")[0]: parse_config(self.get_bytes(k).decode())
+                           for k in self.list() if k.endswith(f"/{CONFIG}")}
+                for config in configs.values():
+                    for step in config.ensemble_scheduling.step:
+                        served = served_versions(self, step.model_name, configs[step.model_name])
+                        assert step.model_version in served, (config.name, step.model_name, served)
+                Watched.checks += 1
+            return info
+
+    import faceops.export.promote as promote_module
+
+    rec, _, dsr = models
+    live = tmp_path / "triton"
+    real = promote_module.open_store
+    monkeypatch.setattr(promote_module, "open_store", lambda uri: Watched(uri) if uri == str(live) else real(uri))
+    for run in ("a", "b"):
+        promote(_stage(tmp_path, run, rec, {"32x32": dsr}), str(live), run_id=run, dataset_hash="h", metrics=METRICS)
+    assert Watched.checks >= 8
+    assert list(_config(live, "recognizer").version_policy.specific.versions) == [2]  # v1 no longer pinned

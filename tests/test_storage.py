@@ -155,6 +155,23 @@ def test_key_escaping_the_root_is_rejected(store: ObjectStore, key: str) -> None
         store.get_bytes(key)
 
 
+def test_create_stores_only_when_absent_and_one_racer_wins(store: ObjectStore) -> None:
+    """The publish lock's primitive: on S3 a conditional PUT (If-None-Match: *) the server refuses."""
+    assert store.create("locks/a", b"first")
+    assert not store.create("locks/a", b"second")
+    assert store.get_bytes("locks/a") == b"first"
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda i=i: results.append(store.create("locks/b", f"{i}".encode())))
+               for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 5 + [True]
+    store.delete("locks/a")
+    assert store.create("locks/a", b"again")
+
+
 def test_url_names_the_object(store: ObjectStore) -> None:
     assert store.url("a/./b") == store.uri.rstrip("/") + "/a/b"
 

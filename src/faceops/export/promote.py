@@ -29,7 +29,6 @@ from faceops.errors import FaceopsError
 from faceops.export.triton_repo import (
     ENSEMBLE_MARKER,
     MODEL_FILES,
-    PROVENANCE_PREFIX,
     publish,
     validate_repository,
     versions,
@@ -163,10 +162,7 @@ def promote(staged_uri: str, repo_uri: str, *, run_id: str, dataset_hash: str,
                 raise FaceopsError(f"{staged.url(f'{name}/{version}')}: no {file or config.platform} model "
                                    f"file to promote (only {ENSEMBLE_MARKER} folders may hold none)")
             models.append((config, staged.get_file(f"{name}/{version}/{file}", Path(tmp) / name / file)))
-        for config, _ in models:  # a staged config never carries provenance of its own
-            for key in [k for k in config.parameters if k.startswith(PROVENANCE_PREFIX)]:
-                del config.parameters[key]
-        plan = publish(open_store(repo_uri), models, keep, provenance=records)
+        plan = publish(open_store(repo_uri), models, keep, provenance=records, holder=f"run {run_id}")
     log.info("promoted run %s into %s: %s", run_id, repo_uri,
              ", ".join(f"{n} v{v}" for n, v in sorted(plan.items())))
     return plan

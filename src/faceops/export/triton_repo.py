@@ -17,9 +17,13 @@ before the model turns READY, never on the first request.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Mapping
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +33,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from faceops.errors import FaceopsError
 from faceops.export.config import ExportConfig
 from faceops.models.contract import InputContract, set_triton_parameters
-from faceops.storage import ObjectStore
+from faceops.storage import NotFoundError, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,11 @@ TENSORRT_ACCELERATOR = "tensorrt"
 WARMUP_NAME = "zeros"
 #: config.pbtxt parameters ``provenance.<version>.<key>``: where each served version came from
 PROVENANCE_PREFIX = "provenance."
+#: one publish at a time per repository: a file at its root, which Triton (it loads folders) ignores
+LOCK = ".faceops-publish.lock"
+LOCK_WAIT_S = 600.0  # how long a publish waits for another to finish
+LOCK_STALE_S = 3600.0  # a lock this old belongs to a publish that died: it is broken (with a warning)
+LOCK_POLL_S = 2.0
 
 
 class ModelConfigError(FaceopsError):
@@ -220,8 +229,61 @@ def next_version(store: ObjectStore, model: str) -> int:
     return (versions(store, model) or [0])[-1] + 1
 
 
+@contextmanager
+def repository_lock(store: ObjectStore, holder: str, wait_s: float = LOCK_WAIT_S, stale_s: float = LOCK_STALE_S,
+                    poll_s: float = LOCK_POLL_S) -> Iterator[None]:
+    """Hold the repository's publish lock (an object created only if absent): two publishes would pick
+    the same version numbers and overwrite each other's files and configs."""
+    mine = json.dumps({"holder": holder, "token": uuid.uuid4().hex, "since": time.time()}).encode()
+    deadline = time.monotonic() + wait_s
+    while not store.create(LOCK, mine):
+        try:
+            held = json.loads(store.get_bytes(LOCK))
+        except NotFoundError:  # released meanwhile
+            continue
+        except ValueError:
+            held = {}
+        age = time.time() - float(held.get("since", 0))
+        if age > stale_s:
+            log.warning("breaking the publish lock %s of %s, held for %.0f s (> %.0f s: its publish died)",
+                        store.url(LOCK), held.get("holder", "?"), age, stale_s)
+            store.delete(LOCK)
+            continue
+        if time.monotonic() > deadline:
+            raise FaceopsError(f"{store.url(LOCK)}: another publish ({held.get('holder', '?')}) has held the "
+                               f"repository for {age:.0f} s; retry when it ends, or delete the lock if that "
+                               "run is gone")
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        try:
+            if store.get_bytes(LOCK) == mine:
+                store.delete(LOCK)
+        except FaceopsError as exc:
+            log.warning("could not release the publish lock %s (%s): delete it by hand", store.url(LOCK), exc)
+
+
+def published_before(store: ObjectStore, names: list[str], run_id: str) -> dict[str, int] | None:
+    """Each model's served version that run ``run_id`` published, if it published them all (a retried
+    promotion finds its own work done), else None."""
+    found = {}
+    for name in names:
+        key = f"{name}/{CONFIG}"
+        if not store.exists(key):
+            return None
+        config = parse_config(store.get_bytes(key).decode(), store.url(key))
+        mine = [v for v in served_versions(store, name, config)
+                if version_provenance(config, v).get("run_id") == run_id]
+        if not mine:
+            return None
+        found[name] = mine[-1]
+    return found
+
+
 def publish(store: ObjectStore, models: list[tuple[mc.ModelConfig, str | Path | None]],
-            keep: int = 1, provenance: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, int]:
+            keep: int = 1, provenance: Mapping[str, Mapping[str, str]] | None = None,
+            holder: str = "faceops export") -> dict[str, int]:
     """Publish ``models`` as new versions, all or none; returns each model's new version.
 
     Phase 1 uploads every file into its (inert) new version folder and removes them again if one
@@ -230,8 +292,23 @@ def publish(store: ObjectStore, models: list[tuple[mc.ModelConfig, str | Path | 
     that another ensemble of the repository pins stays served: publishing one pipeline's models never
     changes what another pipeline's ensembles answer.
     ``provenance`` (``{model: {key: text}}``) becomes the new version's ``provenance.<version>.<key>``
-    parameters; those of the older versions still served are kept from the current config.
+    parameters; those of the older versions still served are kept from the current config. A publish
+    whose ``run_id`` (in ``provenance``) already serves every one of ``models`` returns those versions:
+    a retried step publishes nothing twice. One publish at a time (:func:`repository_lock`).
     """
+    run_ids = {record.get("run_id") for record in (provenance or {}).values()}
+    with repository_lock(store, holder):
+        run_id = run_ids.pop() if len(run_ids) == 1 else None
+        done = published_before(store, [c.name for c, _ in models], run_id) if run_id else None
+        if done:
+            log.info("run %s already serves %s from %s: nothing to publish", run_id,
+                     ", ".join(f"{n} v{v}" for n, v in sorted(done.items())), store.uri)
+            return done
+        return _publish(store, models, keep, provenance or {})
+
+
+def _publish(store: ObjectStore, models: list[tuple[mc.ModelConfig, str | Path | None]], keep: int,
+             provenance: Mapping[str, Mapping[str, str]]) -> dict[str, int]:
     plan = {config.name: next_version(store, config.name) for config, _ in models}
     written: list[str] = []
     try:
@@ -254,26 +331,41 @@ def publish(store: ObjectStore, models: list[tuple[mc.ModelConfig, str | Path | 
             except FaceopsError:
                 break
         raise
-    pinned = pinned_versions(store, exclude=set(plan))
-    for config, _ in sorted(models, key=lambda m: m[0].platform == "ensemble"):
-        name, version = config.name, plan[config.name]
-        config.version_policy.ClearField("latest")
-        recent = [v for v in versions(store, name) if v <= version][-keep:]
-        config.version_policy.specific.versions[:] = sorted(set(recent) | pinned.get(name, set()))
+    for config, _ in models:
         for step in config.ensemble_scheduling.step:
             step.model_version = plan.get(step.model_name, step.model_version)
-        _record_provenance(store, config, version, (provenance or {}).get(name, {}))
-        store.put_bytes(f"{name}/{CONFIG}", to_text(config).encode())
-        log.info("Triton repository: %s version %d (%s)", store.url(name), version, config.platform)
+    leaves = [c for c, _ in models if c.platform != "ensemble"]
+    ensembles = [c for c, _ in models if c.platform == "ensemble"]
+    # Leaves first, still serving every version an ensemble pins now (those being replaced included), so
+    # a Triton poll between two writes never finds an ensemble pinning an unloaded version; then the
+    # ensembles; then the leaves again, without the versions only the replaced ensembles pinned.
+    for batch in (leaves, ensembles, leaves):
+        pinned = pinned_versions(store)
+        for config in batch:
+            _write_config(store, config, plan[config.name], keep, pinned, provenance.get(config.name, {}))
+    for config in leaves + ensembles:
+        log.info("Triton repository: %s version %d (%s)", store.url(config.name), plan[config.name],
+                 config.platform)
     return plan
 
 
-def pinned_versions(store: ObjectStore, exclude: set[str] = frozenset()) -> dict[str, set[int]]:
-    """``{model: versions}`` that the repository's ensembles (but those in ``exclude``) pin."""
+def _write_config(store: ObjectStore, config: mc.ModelConfig, version: int, keep: int,
+                  pinned: Mapping[str, set[int]], record: Mapping[str, str]) -> None:
+    """``config`` serving its last ``keep`` versions up to ``version`` and every version an ensemble pins."""
+    name = config.name
+    config.version_policy.ClearField("latest")
+    recent = [v for v in versions(store, name) if v <= version][-keep:]
+    config.version_policy.specific.versions[:] = sorted(set(recent) | pinned.get(name, set()))
+    _record_provenance(store, config, version, record)
+    store.put_bytes(f"{name}/{CONFIG}", to_text(config).encode())
+
+
+def pinned_versions(store: ObjectStore) -> dict[str, set[int]]:
+    """``{model: versions}`` that the repository's ensembles pin."""
     pinned: dict[str, set[int]] = {}
     for key in store.list():
         parts = key.split("/")
-        if len(parts) != 2 or parts[1] != CONFIG or parts[0] in exclude:
+        if len(parts) != 2 or parts[1] != CONFIG:
             continue
         config = parse_config(store.get_bytes(key).decode(), store.url(key))
         for step in config.ensemble_scheduling.step:
@@ -285,6 +377,8 @@ def pinned_versions(store: ObjectStore, exclude: set[str] = frozenset()) -> dict
 def _record_provenance(store: ObjectStore, config: mc.ModelConfig, version: int, record: Mapping[str, str]) -> None:
     """Config parameters saying where each served version came from: the new version's ``record``,
     and the older served versions' entries carried over from the config being replaced."""
+    for name in [k for k in config.parameters if k.startswith(PROVENANCE_PREFIX)]:
+        del config.parameters[name]
     served = set(config.version_policy.specific.versions) - {version}
     key = f"{config.name}/{CONFIG}"
     if served and store.exists(key):

@@ -84,6 +84,11 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None: ...
 
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Store ``data`` only if ``key`` does not exist yet, atomically; False when it does (a lock or a
+        claim: of two writers exactly one gets True)."""
+
     def url(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{clean_key(key)}"
 

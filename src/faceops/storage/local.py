@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from faceops.storage.base import CHUNK, NotFoundError, ObjectInfo, ObjectStore, StoreError, clean_key
+from faceops.storage.base import CHUNK, NotFoundError, ObjectInfo, ObjectStore, StoreError, clean_key, sha256_bytes
 
 SIDECAR = ".sha256"
 
@@ -86,6 +86,21 @@ class LocalStore(ObjectStore):
                 if rel.startswith(prefix):
                     keys.append(rel)
         yield from sorted(keys)
+
+    def create(self, key: str, data: bytes) -> bool:
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked(dest.parent, exclusive=True):  # the check and the write are one step for writers
+            if dest.exists():
+                return False
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+            try:
+                tmp.write_bytes(data)
+                Path(str(dest) + SIDECAR).write_text(sha256_bytes(data))
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return True
 
     def delete(self, key: str) -> None:
         p = self.path(key)

@@ -294,6 +294,29 @@ class S3Store(ObjectStore):
 
         yield from sorted(n[len(self.prefix):] for n in self._retried("list", f"{self.uri}/{prefix}", names))
 
+    def create(self, key: str, data: bytes) -> bool:
+        """A conditional PUT (``If-None-Match: *``, honoured by AWS S3 and MinIO): the server refuses
+        it with 412 when the key exists. minio-py's public put_object cannot send that header (it turns
+        unknown headers into user metadata), hence its low-level PutObject. A retried PUT whose first
+        attempt landed gets 412 too: the object then holds ``data``, which counts as created."""
+        name = self._object_name(key)
+        self._ensure_bucket()
+        headers = {"If-None-Match": "*", SHA256_HEADER: hashlib.sha256(data).hexdigest()}
+
+        def put() -> bool:
+            try:
+                self.client._put_object(self.bucket, name, data, headers=headers)
+            except S3Error as exc:
+                if exc.code not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    raise
+                try:
+                    return self.get_bytes(key) == data
+                except NotFoundError:  # removed since: someone else's, now gone; the caller tries again
+                    return False
+            return True
+
+        return self._retried("create", self.url(key), put)
+
     def delete(self, key: str) -> None:
         name = self._object_name(key)
         self._ensure_bucket()
