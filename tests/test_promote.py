@@ -253,3 +253,23 @@ def test_no_moment_of_a_promotion_leaves_an_ensemble_pinning_an_unserved_version
         promote(_stage(tmp_path, run, rec, {"32x32": dsr}), str(live), run_id=run, dataset_hash="h", metrics=METRICS)
     assert Watched.checks >= 8
     assert list(_config(live, "recognizer").version_policy.specific.versions) == [2]  # v1 no longer pinned
+
+
+def test_each_pipeline_serves_its_own_recognizer_so_promotions_never_replace_anothers(models, tmp_path):
+    """vlr_face serves `recognizer` (the contract name), arcface_resnet34 its own `arcface_resnet34`:
+    promoting one leaves every model of the other untouched."""
+    from faceops.config import load, packaged_config
+
+    names = {p: load(ExportConfig, str(packaged_config(p)), section="export").name
+             for p in ("vlr_face", "demo", "arcface_resnet34")}
+    assert names == {"vlr_face": "recognizer", "demo": "recognizer", "arcface_resnet34": "arcface_resnet34"}
+    live = tmp_path / "triton"
+    promote(_stage(tmp_path, "vlr", models[0], {"32x32": models[2]}), str(live), run_id="vlr", dataset_hash="h",
+            metrics=METRICS)
+    before = {p: p.read_bytes() for p in sorted(live.rglob("*")) if p.is_file()}
+    staged = str(tmp_path / "runs" / "arc" / "staging")
+    export_modules(models[1], staged, cfg=ExportConfig(name="arcface_resnet34", instance_kind="KIND_CPU",
+                                                       parity_batch=2), contract=InputContract())
+    assert promote(staged, str(live), run_id="arc", dataset_hash="h", metrics=METRICS) == {"arcface_resnet34": 1}
+    after = {p: p.read_bytes() for p in sorted(live.rglob("*")) if p.is_file()}
+    assert {p: b for p, b in after.items() if "arcface_resnet34" not in str(p)} == before

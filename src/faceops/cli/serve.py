@@ -65,6 +65,8 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     p.add_argument("--retries", type=int, default=3, help="retries while the server is unavailable")
+    p.add_argument("--model", default="recognizer", metavar="NAME",
+                   help="the served HR recognizer (default recognizer, vlr_face's; arcface_resnet34 serves its own)")
     p.add_argument("--vlr", action="store_true", help="treat the images as very-low-resolution (the VLR model)")
     p.add_argument("--vlr-model", metavar="NAME",
                    help="the served VLR ensemble to use (pipelines serve one per size: vlr_face_32x32, "
@@ -79,7 +81,7 @@ def _client(args: argparse.Namespace):
     from faceops.serve import FaceClient
 
     return FaceClient(args.url, protocol=args.protocol, timeout=args.timeout, retries=args.retries,
-                      prepare=_prepare_config(args.dataset), vlr_model=args.vlr_model)
+                      prepare=_prepare_config(args.dataset), recognizer=args.model, vlr_model=args.vlr_model)
 
 
 def _prepare_config(dataset: str | None):

@@ -108,13 +108,14 @@ class VLRNames:
     recognizer: str = "recognizer"  # what the ensemble and the fused model embed with
 
 
-def _names(sizes: list[str], tuned: frozenset[str] = frozenset()) -> dict[str, VLRNames]:
+def _names(sizes: list[str], tuned: frozenset[str] = frozenset(), hr: str = "recognizer") -> dict[str, VLRNames]:
     """VLR size -> its Triton names; plain contract names when there is one size and it has no
-    recognizer of its own (``tuned``: the sizes that have one, ``recognizer_<size>``)."""
+    recognizer of its own (``tuned``: the sizes that have one, ``recognizer_<size>``); ``hr``: the HR
+    recognizer's name (``export.name``)."""
     if len(sizes) == 1 and not tuned:
-        return {sizes[0]: VLRNames("dsr", "vlr_face", "vlr_fused")}
+        return {sizes[0]: VLRNames("dsr", "vlr_face", "vlr_fused", hr)}
     return {s: VLRNames(f"dsr_{s}", f"vlr_face_{s}", f"vlr_fused_{s}",
-                        f"recognizer_{s}" if s in tuned else "recognizer") for s in sizes}
+                        f"recognizer_{s}" if s in tuned else hr) for s in sizes}
 
 
 def _contracts_for(recognizer: InputContract | None, dsrs: dict[str, InputContract | None],
@@ -171,11 +172,11 @@ def export_modules(recognizer: nn.Module, repo_uri: str, dsrs: dict[str, nn.Modu
         rec_path = export_onnx(recognizer, work / "recognizer.onnx", hr_batch[:1], "recognizer", cfg)
         write_onnx_contract(rec_path, contract)
         parity = check_parity("recognizer", rec_path, recognizer, hr_batch, cfg)
-        _publish(pending, model_config("recognizer", "onnxruntime_onnx", IN_SPEC, emb, cfg, kind, contract),
+        _publish(pending, model_config(cfg.name, "onnxruntime_onnx", IN_SPEC, emb, cfg, kind, contract),
                  rec_path, parity.as_dict())
         int8_path = (_export_int8(pending, report, rec_path, calib, cfg, work, emb, contract, kind)
                      if int8 else None)
-        for size, names in _names(sorted(dsrs or {}), frozenset(finetuned)).items():
+        for size, names in _names(sorted(dsrs or {}), frozenset(finetuned), cfg.name).items():
             size_recognizer = recognizer
             if size in finetuned:
                 size_recognizer = finetuned[size]
@@ -217,7 +218,7 @@ def _export_int8(pending, report: dict, rec_path: Path, calib: CalibData | None,
     accuracy = int8_mod.int8_accuracy_change(rec_path, int8_path, calib.hr, calib.pairs, n_cal, cfg)
     report["int8"] = accuracy.as_dict()
     # a QDQ graph: Triton's TensorRT accelerator runs it in INT8 (explicit quantization)
-    _publish(pending, model_config("recognizer_int8", "onnxruntime_onnx", IN_SPEC, emb, cfg, kind, contract,
+    _publish(pending, model_config(f"{cfg.name}_int8", "onnxruntime_onnx", IN_SPEC, emb, cfg, kind, contract,
                                    precision="INT8"), int8_path, None)
     return int8_path
 
@@ -270,9 +271,9 @@ def _export_trt(pending, report, recognizer, rec_path, int8_path, hr_batch, cfg:
     PyTorch; engines run on GPUs only, so their instances are KIND_GPU whatever the ONNX models got."""
     with torch.no_grad():
         reference = recognizer.eval().cpu()(hr_batch).numpy()
-    builds = [("recognizer_trt", rec_path, False)]
+    builds = [(f"{cfg.name}_trt", rec_path, False)]
     if int8_path is not None:
-        builds.append(("recognizer_trt_int8", int8_path, True))
+        builds.append((f"{cfg.name}_trt_int8", int8_path, True))
     for name, onnx_path, is_int8 in builds:
         engine = trt_mod.build_engine(onnx_path, work / f"{name}.plan", cfg, HR_DIMS, int8=is_int8)
         parity = trt_mod.check_engine_parity(name, engine, reference, hr_batch, cfg)

@@ -5,6 +5,7 @@ One dataclass so a pipeline config (section ``export``) and the CLI's ``--set`` 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -13,6 +14,10 @@ from faceops.config import check
 
 @dataclass
 class ExportConfig:
+    # the HR recognizer's Triton name ("recognizer", the serving contract's) and the stem of its variants
+    # (<name>_int8, <name>_trt): a pipeline that serves its own model names it (arcface_resnet34), so
+    # its promotions never replace what another pipeline serves
+    name: str = "recognizer"
     opset: int = 17  # ONNX opset; 17 has LayerNorm and runs on every Triton ORT backend we target
     simplify: bool = False  # run onnxsim on the graph when it is installed (skipped with a note if not)
     parity_max_abs: float = 1e-4  # parity gate: max |onnx - torch| over the batch
@@ -41,6 +46,8 @@ class ExportConfig:
     vlr_resize_mode: Literal["bilinear", "bicubic"] = "bilinear"  # fused VLR model: DSR out -> 112 resize
 
     def __post_init__(self) -> None:
+        check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name) is not None,
+              f"export.name = {self.name!r}: a Triton model name (letters, digits, '_', '-', '.')")
         check(self.opset >= 13, f"export.opset = {self.opset}: use 13 or newer (17 recommended)")
         check(self.parity_max_abs > 0, f"export.parity_max_abs = {self.parity_max_abs}: must be > 0")
         check(0 < self.parity_min_cosine <= 1,
