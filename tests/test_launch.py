@@ -138,7 +138,12 @@ def test_manifest_defaults_cpu_nodes_and_resume():
     assert "nodeSelector" not in pod and "tolerations" not in pod and "serviceAccountName" not in pod
     assert "ownerReferences" not in m["metadata"]
     assert t["image"] == image("trainer") and t["args"][-1] == "--resume"
-    assert re.fullmatch(r"faceops-dsr-\d{8}-\d{6}-[0-9a-f]{6}", m["metadata"]["name"])
+    # named by the step's output folder: a retry of this step finds its job, another step never shares it
+    assert re.fullmatch(r"faceops-dsr-[0-9a-f]{12}", m["metadata"]["name"])
+    again = trainjob_manifest("dsr", "", S3_SETS, gpus_per_node=0, nodes=1, resume=True)
+    other = trainjob_manifest("dsr", "", [S3_SETS[0], "out=s3://faceops/runs/r1/dsr_14x16"], gpus_per_node=0,
+                              nodes=1, resume=True)
+    assert again["metadata"]["name"] == m["metadata"]["name"] != other["metadata"]["name"]
     kubernetes_validate.validate(node_pod(m), KUBE_VERSION, strict=True)
 
 
@@ -366,8 +371,10 @@ class FakeApiServer:
     real API server records: TrainJobs (statuses replayed from a list), the launcher's Pod, the
     runtime, the node pods and their log, the Trainer's version ConfigMap."""
 
-    def __init__(self, statuses: list, fail_create: int | None = None):
-        self.statuses, self.fail_create = list(statuses), fail_create
+    def __init__(self, statuses: list, fail_create: int | None = None, existing: bool = False):
+        """``existing``: a job of that name is there before the launcher starts (an earlier attempt's),
+        its status the first of ``statuses``; a DELETE removes it."""
+        self.statuses, self.fail_create, self.existing = list(statuses), fail_create, existing
         self.created: list[dict] = []
         self.requests: list[tuple[str, str]] = []
         server = self
@@ -401,6 +408,7 @@ class FakeApiServer:
 
             def do_DELETE(self):
                 server.requests.append(("DELETE", self.path))
+                server.existing = False
                 return self.reply(200, {"kind": "Status", "apiVersion": "v1", "status": "Success",
                                         "details": {"name": JOB, "kind": "trainjobs"}})
 
@@ -424,11 +432,12 @@ class FakeApiServer:
                 if path == f"/api/v1/namespaces/team-a/pods/{NODE_POD}/log":
                     assert parse_qs(url.query)["container"] == ["node"]
                     return self.reply(200, NODE_LOG)
-                if path == f"{TRAINER_PATH}/namespaces/team-a/trainjobs/{JOB}" and server.created:
+                if path == f"{TRAINER_PATH}/namespaces/team-a/trainjobs/{JOB}" and (server.created or server.existing):
                     status = server.statuses.pop(0) if len(server.statuses) > 1 else server.statuses[0]
                     if isinstance(status, int):
                         return self.status(status)
-                    return self.reply(200, {**server.created[-1], "status": status})
+                    body = server.created[-1] if server.created else {"metadata": {"name": JOB}}
+                    return self.reply(200, {**body, "status": status})
                 return self.status(404, f"no such path in the stand-in: {path}")
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -478,10 +487,33 @@ def test_run_trainjob_completes_through_the_kubernetes_client(capsys, in_kfp_pod
     assert "team-s3" in json.dumps(body["spec"]["trainer"]["env"])
     assert fake.calls("POST") == [f"{TRAINER_PATH}/namespaces/team-a/trainjobs"]
     assert fake.calls("GET")[0] == f"/api/v1/namespaces/team-a/pods/{OWNER['name']}"
-    assert fake.calls("GET")[1:] == [f"{TRAINER_PATH}/namespaces/team-a/trainjobs/{JOB}"] * 4
+    # one look for an earlier attempt's job (none: 404), then the polls
+    assert fake.calls("GET")[1:] == [f"{TRAINER_PATH}/namespaces/team-a/trainjobs/{JOB}"] * 5
     assert rec.sleeps == [5, 5, 5] and not fake.calls("DELETE")  # the 503 was retried; a finished job stays
     out = capsys.readouterr().out
     assert f"kubectl -n team-a logs -f -l jobset.sigs.k8s.io/jobset-name={JOB}" in out and "complete" in out
+
+
+def test_a_retried_step_follows_the_job_its_earlier_attempt_started(capsys, in_kfp_pod):
+    """The launcher died without deleting its job (OOMKilled, node lost): KFP's retry must not start a
+    second job training into the same folder; it follows the one that runs."""
+    pytest.importorskip("kubernetes", reason="kubernetes client not installed")
+    rec = Recorded([])
+    fake = FakeApiServer([STATUS_RUNNING, STATUS_RUNNING, STATUS_COMPLETE], existing=True)
+    with fake as jobs:
+        assert run(jobs, rec) == 0
+    assert not fake.calls("POST") and not fake.calls("DELETE")
+    assert "started by an earlier attempt of this step; following it" in capsys.readouterr().out
+
+
+def test_a_retried_step_replaces_the_failed_job_of_its_earlier_attempt(in_kfp_pod):
+    pytest.importorskip("kubeflow.trainer", reason="Kubeflow SDK not installed")
+    rec = Recorded([])
+    fake = FakeApiServer([STATUS_FAILED, STATUS_RUNNING, STATUS_COMPLETE], existing=True)
+    with fake as jobs:
+        assert run(jobs, rec) == 0
+    assert fake.calls("DELETE") == [f"{TRAINER_PATH}/namespaces/team-a/trainjobs/{JOB}"]
+    assert fake.calls("POST") == [f"{TRAINER_PATH}/namespaces/team-a/trainjobs"]
 
 
 def test_run_trainjob_failure_names_the_reason_and_shows_node_0s_log(caplog, in_kfp_pod):

@@ -14,6 +14,7 @@ equals the wait's timeout, so no job outlives its launcher's patience.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from faceops.train.trainjob_api import (
     TRAINJOB_VERSION,
     JobTimeoutError,
     TrainJobs,
+    current_state,
     kube_config,
     logs_command,
     wait_for_job,
@@ -88,7 +90,9 @@ class JobConfig:
         default_factory=lambda: {"sidecar.istio.io/inject": "false"})
     timeout_s: float = 48 * 3600.0  # wait this long; also the job's activeDeadlineSeconds
     poll_s: float = 30.0  # status polling interval
-    run_id: str | None = None  # names the job faceops-<task>-<run_id>; None = time + random suffix
+    # names the job faceops-<task>-<run_id>; None = a digest of the step's output folder, the same for every
+    # retry of one pipeline step (which then adopts its running job) and different for every other step
+    run_id: str | None = None
 
     def __post_init__(self) -> None:
         check(self.timeout_s >= 1, f"launch.timeout_s must be >= 1, got {self.timeout_s}")
@@ -139,6 +143,13 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
+def step_run_id(overrides: list[str]) -> str | None:
+    """A job id from the step's output folder (``out=`` among the overrides): a retried step finds the
+    job its earlier attempt started, the per-size steps of one run never share one."""
+    out = next((o.split("=", 1)[1] for o in overrides if o.startswith("out=")), None)
+    return hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:12] if out else None
+
+
 def job_name(task: str, run_id: str) -> str:
     # pods are <job>-node-0-<index>-<suffix>; 52 characters keep their hostnames DNS labels
     name = f"faceops-{task}-{run_id}".lower()[:52].rstrip("-")
@@ -170,7 +181,7 @@ def trainjob_manifest(task: str, config_yaml: str, overrides: list[str], *, gpus
     there (the API refuses env patches on the ``node`` container).
     """
     job = with_cluster_settings(job or JobConfig(), env={})  # fills what is unset with the defaults
-    run_id = job.run_id or new_run_id()
+    run_id = job.run_id or step_run_id(overrides) or new_run_id()
     name = name or job_name(task, run_id)
     labels = {"app.kubernetes.io/part-of": "faceops", "app.kubernetes.io/component": "training",
               "faceops/task": task, "faceops/run-id": run_id}
@@ -315,11 +326,23 @@ def run_trainjob(task: str, config_yaml: str, overrides: list[str], *, gpus_per_
                                  resume=resume, job=job, namespace=namespace,
                                  owner=owner_reference(*own) if own else None)
     name = manifest["metadata"]["name"]
-    jobs.create(manifest)
-    print(f"TrainJob {namespace}/{name} created (runtime {job.runtime}): {nodes} node(s) x "
-          f"{max(1, gpus_per_node)} process(es), {gpus_per_node} GPU(s) each, image {job.image}"
-          f"{', owned by pod ' + own[0] if own else ''}. Logs: {logs_command(namespace, name, follow=True)}",
-          flush=True)
+    existing = jobs.find(name)
+    if existing is not None and current_state(existing)[0] == "Failed":
+        print(f"TrainJob {namespace}/{name} of an earlier attempt failed: deleting it to try again", flush=True)
+        if not jobs.delete(name):
+            raise LaunchError(f"TrainJob {namespace}/{name} failed earlier and could not be deleted: delete it "
+                              f"(kubectl -n {namespace} delete trainjob {name}) and retry the step")
+        _wait_gone(jobs, name, sleep)
+        existing = None
+    if existing is None:
+        jobs.create(manifest)
+        print(f"TrainJob {namespace}/{name} created (runtime {job.runtime}): {nodes} node(s) x "
+              f"{max(1, gpus_per_node)} process(es), {gpus_per_node} GPU(s) each, image {job.image}"
+              f"{', owned by pod ' + own[0] if own else ''}. Logs: {logs_command(namespace, name, follow=True)}",
+              flush=True)
+    else:  # a retried step whose earlier attempt died without deleting its job: follow that job, never a second
+        print(f"TrainJob {namespace}/{name} exists ({current_state(existing)[0]}): started by an earlier attempt "
+              f"of this step; following it. Logs: {logs_command(namespace, name, follow=True)}", flush=True)
     try:
         with _sigterm_unwinds():
             outcome = wait_for_job(lambda: jobs.status(name), job.timeout_s, job.poll_s, sleep,
@@ -339,6 +362,15 @@ def run_trainjob(task: str, config_yaml: str, overrides: list[str], *, gpus_per_
     print(f"TrainJob {namespace}/{name} complete in {outcome.seconds:.0f}s "
           f"({' -> '.join(t for t, _ in outcome.transitions)})", flush=True)
     return 0
+
+
+def _wait_gone(jobs: TrainJobs, name: str, sleep: Callable[[float], None], tries: int = 60) -> None:
+    """Deletion is asynchronous: a create under the same name right away would get 409."""
+    for _ in range(tries):
+        if jobs.find(name) is None:
+            return
+        sleep(2.0)
+    raise LaunchError(f"TrainJob {jobs.namespace}/{name} is still being deleted: retry the step later")
 
 
 def _show_log_tail(jobs: TrainJobs, name: str) -> None:

@@ -173,9 +173,22 @@ class TrainJobs:
         except ApiException as exc:
             hint = {404: "is Kubeflow Trainer v2 (the TrainJob CRD) installed? See docs/cluster.md.",
                     403: "may the service account create trainjobs (the chart's kfp.rbac)?",
-                    409: "a job of that name exists: set launch.run_id to a new value"}.get(exc.status, "")
+                    409: "a job of that name exists (another step with the same launch.run_id?): leave "
+                         "launch.run_id unset, or set a new value"}.get(exc.status, "")
             raise LaunchError(f"could not create TrainJob {self.namespace}/{name}: {exc.status} "
                               f"{_api_message(exc)}. {hint}".rstrip()) from None
+
+    def find(self, name: str) -> dict | None:
+        """The job's ``.status`` if a TrainJob of that name exists, else None."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            obj = self.custom.get_namespaced_custom_object(name=name, **self._args())
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise LaunchError(f"reading TrainJob {self.namespace}/{name}: {exc.status} {exc.reason}") from None
+        return obj.get("status") or {}
 
     def status(self, name: str) -> dict | None:
         """The job's ``.status`` ({} before the controller's first update); None after a transient error."""
