@@ -498,3 +498,16 @@ def test_ddp_nan_losses_of_every_rank_reach_prometheus(prom_stack, tiny_dataset,
     nan = prom_stack.wait_for(f'faceops_nan_events_total{{run_id="{run_id}",kind="loss"}}',
                               lambda res: len(res) == 1 and scalar(res) == 4)
     assert scalar(nan) == 4
+
+
+def test_every_step_of_a_pipeline_run_pushes_under_the_runs_id(monkeypatch):
+    """Two runs never share a Pushgateway group: a step's output below <store>/runs/<id>/ labels it <id>."""
+    from faceops.metrics import run_id_for
+
+    monkeypatch.delenv("FACEOPS_RUN_ID", raising=False)
+    assert run_id_for("s3://faceops-data/runs/0f1e-uuid/recognizer") == "0f1e-uuid"
+    assert run_id_for("s3://faceops-data/runs/0f1e-uuid/dsr_14x16/") == "0f1e-uuid"
+    assert run_id_for("/data/runs/r7/evaluation") == "r7"
+    assert run_id_for("/tmp/e2e-1") == "e2e-1"  # outside a pipeline: the output's own name
+    monkeypatch.setenv("FACEOPS_RUN_ID", "given")
+    assert run_id_for("s3://faceops-data/runs/0f1e-uuid/recognizer") == "given"

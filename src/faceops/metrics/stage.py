@@ -61,9 +61,15 @@ class MetricsConfig:
 
 
 def run_id_for(out: str) -> str:
-    """A stage's ``run_id`` label: ``FACEOPS_RUN_ID`` (set by the launcher), else the output's last
-    path component (the same rule as training)."""
-    return os.environ.get("FACEOPS_RUN_ID") or out.rstrip("/").rsplit("/", 1)[-1]
+    """A stage's ``run_id`` label: ``FACEOPS_RUN_ID`` when set, else the pipeline run's id for an output
+    below ``<store>/runs/<run_id>/``, else the output's last path component. Every step of one run pushes
+    under its run's id, so two runs never overwrite each other's Pushgateway groups."""
+    if os.environ.get("FACEOPS_RUN_ID"):
+        return os.environ["FACEOPS_RUN_ID"]
+    parts = out.rstrip("/").split("/")
+    if "runs" in parts[:-1]:
+        return parts[len(parts) - 1 - parts[::-1].index("runs") + 1]
+    return parts[-1]
 
 
 class StageMetrics:

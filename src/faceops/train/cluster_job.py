@@ -197,7 +197,8 @@ def trainjob_manifest(task: str, config_yaml: str, overrides: list[str], *, gpus
         "image": job.image,
         "command": ["sh", "-c", POD_SCRIPT, "faceops-train"],
         "args": args,
-        "env": [{"name": CONFIG_ENV, "value": config_yaml or ""}, {"name": "FACEOPS_RUN_ID", "value": run_id},
+        # no FACEOPS_RUN_ID: training labels its metrics with the pipeline run's id from its out= folder
+        "env": [{"name": CONFIG_ENV, "value": config_yaml or ""},
                 *secret_env, *configmap_env],
         "numNodes": nodes,
         "numProcPerNode": max(1, gpus_per_node),

@@ -7,14 +7,11 @@ import os
 from collections.abc import Sequence
 
 from faceops.data.reader import BatchDataset, LoaderConfig, SplitData
+from faceops.metrics import run_id_for
 from faceops.train.config import EngineConfig
 from faceops.train.engine import Engine
 from faceops.train.hooks import Hook
 from faceops.train.task import FitResult, Task
-
-
-def run_id_for(out: str) -> str:
-    return os.environ.get("FACEOPS_RUN_ID") or out.rstrip("/").rsplit("/", 1)[-1]
 
 
 def fit_task(task: Task, train: SplitData, loader: LoaderConfig, engine_cfg: EngineConfig, out: str,
