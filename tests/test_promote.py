@@ -273,3 +273,24 @@ def test_each_pipeline_serves_its_own_recognizer_so_promotions_never_replace_ano
     assert promote(staged, str(live), run_id="arc", dataset_hash="h", metrics=METRICS) == {"arcface_resnet34": 1}
     after = {p: p.read_bytes() for p in sorted(live.rglob("*")) if p.is_file()}
     assert {p: b for p, b in after.items() if "arcface_resnet34" not in str(p)} == before
+
+
+def test_a_nan_figure_stays_off_the_metrics_artifact_and_never_passes_the_gate(tmp_path):
+    """KFP's backend refuses NaN in an executor output: the evaluation lists such figures apart, and the
+    gate reads them back as NaN, so the run is not promoted (rather than failing or passing)."""
+    from types import SimpleNamespace
+
+    from kfp.dsl import Metrics
+
+    from faceops.stages import gate_stage, log_evaluation
+
+    report_dir = tmp_path / "evaluation"
+    report_dir.mkdir()
+    (report_dir / "report.html").write_text("<html></html>")
+    (report_dir / "roc.json").write_text("{}")
+    metrics = Metrics(name="metrics", uri=str(tmp_path / "m"))
+    result = {"verification": {"accuracy": math.nan, "eer": 0.2}, "report_dir": str(report_dir)}
+    log_evaluation(result, metrics, SimpleNamespace(path=str(tmp_path / "r.html"), metadata={}))
+    assert metrics.metadata["verification.eer"] == 0.2 and "verification.accuracy" not in metrics.metadata
+    decision = gate_stage(dict(metrics.metadata))
+    assert not decision["passed"] and "verification.accuracy nan >= 0.6: FAILS" in decision["summary"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from faceops.storage import open_store, split_uri
 log = logging.getLogger(__name__)
 
 SYNTH_PREFIX = "synth://"
+NON_FINITE = "non_finite"  # Metrics metadata: the figures that were NaN/inf, left off the artifact
 
 
 def section(cls: type, config_yaml: str, name: str):
@@ -156,12 +158,19 @@ def export_stage(model_uri: str, repo_uri: str, config_yaml: str = "", dsr_uris:
                             calib_dataset=dataset_uri or None, cfg=cfg, finetuned_uri=finetuned_uris or None)
 
 
-def gate_stage(metrics: dict[str, float], config_yaml: str = "", log_dir: str = "") -> dict:
-    """Whether the evaluation's figures (flattened) meet the config's ``promote`` thresholds."""
+def evaluation_figures(metadata: dict) -> dict[str, float]:
+    """The figures of an evaluation's Metrics artifact, those it could not carry as NaN."""
+    figures = {k: float(v) for k, v in metadata.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return figures | dict.fromkeys(metadata.get(NON_FINITE) or [], math.nan)
+
+
+def gate_stage(metrics: dict, config_yaml: str = "", log_dir: str = "") -> dict:
+    """Whether the evaluation's figures (its Metrics artifact's metadata) meet the config's ``promote``
+    thresholds; a NaN figure never does."""
     from faceops.export.promote import PromoteConfig, gate
 
     with stage_log(log_dir, "gate"):
-        decision = gate(metrics, section(PromoteConfig, config_yaml, "promote"))
+        decision = gate(evaluation_figures(metrics), section(PromoteConfig, config_yaml, "promote"))
         log.info("%s", decision.describe())
         print(decision.describe(), flush=True)
         return {"passed": decision.passed, "summary": decision.describe(),
@@ -183,6 +192,7 @@ def promote_stage(staged_uri: str, repo_uri: str, run_root: str, dataset_hash: s
     with stage_log(log_dir, "promote"):
         cfg = section(ExportConfig, config_yaml, "export")
         run_id = run_id_of(run_root)
+        metrics = evaluation_figures(metrics)
         plan = promote(staged_uri, repo_uri, run_id=run_id, dataset_hash=dataset_hash, metrics=metrics,
                        keep=cfg.num_versions)
         registry = section(RegistryConfig, config_yaml, "registry")
@@ -271,8 +281,15 @@ def log_evaluation(result: dict, metrics, report, headline=None, roc_hr=None, cu
     from faceops.evaluate.runner import ROC_FILE, flatten_metrics, headline_markdown
 
     figures = {k: v for k, v in result.items() if k != "report_dir"}
+    non_finite = []
     for k, v in flatten_metrics(figures).items():
-        metrics.log_metric(k, v)
+        if math.isfinite(v):
+            metrics.log_metric(k, v)
+        else:  # a NaN in the executor output's JSON would fail the step on a KFP backend
+            non_finite.append(k)
+    if non_finite:
+        log.warning("evaluation figures that are not finite (left off the Metrics artifact): %s", non_finite)
+        metrics.metadata[NON_FINITE] = non_finite
     report_dir = Path(result["report_dir"])
     Path(report.path).write_text(inline_images(report_dir / "report.html"))
     report.metadata["uri"] = result["report_dir"]
