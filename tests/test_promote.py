@@ -209,6 +209,8 @@ def test_two_promotions_at_once_get_distinct_versions_each_recorded(models, tmp_
 
 def test_a_held_lock_makes_a_publish_wait_then_fail_naming_the_holder_and_a_stale_one_is_broken(tmp_path):
     import json
+    import socket
+    import subprocess
     import time
 
     from faceops.export.triton_repo import LOCK, repository_lock
@@ -222,6 +224,13 @@ def test_a_held_lock_makes_a_publish_wait_then_fail_naming_the_holder_and_a_stal
     store.put_bytes(LOCK, json.dumps({"holder": "run dead", "since": time.time() - 7200}).encode())
     with repository_lock(store, "run c", wait_s=0.2, poll_s=0.05):
         assert b"run c" in store.get_bytes(LOCK)
+    # a fresh lock whose process on this host has exited (a publish killed, or unable to release it)
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    store.put_bytes(LOCK, json.dumps({"holder": "run killed", "since": time.time(), "host": socket.gethostname(),
+                                      "pid": exited.pid}).encode())
+    with repository_lock(store, "run d", wait_s=0.2, poll_s=0.05):
+        assert b"run d" in store.get_bytes(LOCK)
 
 
 def test_no_moment_of_a_promotion_leaves_an_ensemble_pinning_an_unserved_version(models, tmp_path, monkeypatch):

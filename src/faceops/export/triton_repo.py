@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -52,8 +53,10 @@ WARMUP_NAME = "zeros"
 PROVENANCE_PREFIX = "provenance."
 #: one publish at a time per repository: a file at its root, which Triton (it loads folders) ignores
 LOCK = ".faceops-publish.lock"
-LOCK_WAIT_S = 600.0  # how long a publish waits for another to finish
-LOCK_STALE_S = 3600.0  # a lock this old belongs to a publish that died: it is broken (with a warning)
+LOCK_WAIT_S = 1200.0  # how long a publish waits for another to finish (longer than LOCK_STALE_S)
+# A publish uploads a few ONNX files under the lock (seconds to a minute): a lock this old belongs to a
+# publish that died, e.g. with the store unreachable so it could not release it; it is broken (warned)
+LOCK_STALE_S = 900.0
 LOCK_POLL_S = 2.0
 
 
@@ -234,7 +237,9 @@ def repository_lock(store: ObjectStore, holder: str, wait_s: float = LOCK_WAIT_S
                     poll_s: float = LOCK_POLL_S) -> Iterator[None]:
     """Hold the repository's publish lock (an object created only if absent): two publishes would pick
     the same version numbers and overwrite each other's files and configs."""
-    mine = json.dumps({"holder": holder, "token": uuid.uuid4().hex, "since": time.time()}).encode()
+    token = uuid.uuid4().hex
+    mine = json.dumps({"holder": holder, "token": token, "since": time.time(), "host": socket.gethostname(),
+                       "pid": os.getpid()}).encode()
     deadline = time.monotonic() + wait_s
     while not store.create(LOCK, mine):
         try:
@@ -244,9 +249,10 @@ def repository_lock(store: ObjectStore, holder: str, wait_s: float = LOCK_WAIT_S
         except ValueError:
             held = {}
         age = time.time() - float(held.get("since", 0))
-        if age > stale_s:
-            log.warning("breaking the publish lock %s of %s, held for %.0f s (> %.0f s: its publish died)",
-                        store.url(LOCK), held.get("holder", "?"), age, stale_s)
+        dead = _holder_is_gone(held)
+        if age > stale_s or dead:
+            log.warning("breaking the publish lock %s of %s, held for %.0f s (%s)", store.url(LOCK),
+                        held.get("holder", "?"), age, dead or f"> {stale_s:.0f} s: its publish died")
             store.delete(LOCK)
             continue
         if time.monotonic() > deadline:
@@ -254,14 +260,36 @@ def repository_lock(store: ObjectStore, holder: str, wait_s: float = LOCK_WAIT_S
                                f"repository for {age:.0f} s; retry when it ends, or delete the lock if that "
                                "run is gone")
         time.sleep(poll_s)
+    _HELD.add(token)
     try:
         yield
     finally:
+        _HELD.discard(token)
         try:
             if store.get_bytes(LOCK) == mine:
                 store.delete(LOCK)
         except FaceopsError as exc:
-            log.warning("could not release the publish lock %s (%s): delete it by hand", store.url(LOCK), exc)
+            log.warning("could not release the publish lock %s (%s): the next publish breaks it once it sees its "
+                        "holder gone (or after %.0f s)", store.url(LOCK), exc, LOCK_STALE_S)
+
+
+_HELD: set[str] = set()  # tokens of the locks this process holds now
+
+
+def _holder_is_gone(held: dict) -> str:
+    """Why a lock's holder is known to be dead ("" when it may still run): a process of this host that
+    no longer exists, or this very process, which no longer holds it (its release failed)."""
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return ""
+    if held["pid"] == os.getpid():
+        return "" if held.get("token") in _HELD else "this process's earlier publish, which could not release it"
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return f"its process {held['pid']} on this host has exited"
+    except PermissionError:
+        pass
+    return ""
 
 
 def published_before(store: ObjectStore, names: list[str], run_id: str) -> dict[str, int] | None:
