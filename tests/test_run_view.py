@@ -22,7 +22,8 @@ TINY = REPO / "tests" / "data" / "tiny_pipeline.yaml"
 MAX_LINES = 60  # the whole run's console output (issue 13)
 NOISE = ("executor_input", "KFP Executor", "Warning", "\x1b[", "Streamed logs", "Executing task",
          "finished with status")  # only in kfp.log
-STEPS = {"arcface_resnet34": ["ingest", "train-recognizer", "evaluate", "export"]}
+STEPS = {"arcface_resnet34": ["ingest", "run-root", "train-recognizer", "evaluate", "export", "promotion-gate",
+                              "promote"]}
 
 
 class Clock:
@@ -85,23 +86,30 @@ def test_one_line_per_step_start_and_end_with_its_figures(tmp_path):
                   "vlr.32x32.bicubic.verification.accuracy": 0.7, "vlr.32x32.dsr.verification.accuracy": 0.8,
                   "vlr.32x32.dsr.super_resolution.psnr": 24.5}
     _task(tmp_path, "evaluate-vlr", {"metrics": (evaluation, None), "report": ({"uri": "r"}, None)})
-    _task(tmp_path, "export-vlr", {"repo": ({"uri": "/s/triton", "models": ["dsr", "recognizer"]},
-                                            {"repo": "/s/triton", "models": {"recognizer": {"version": 2},
-                                                                             "dsr": {"version": 1}}})})
+    _task(tmp_path, "export-vlr", {"repo": ({"uri": "/s/runs/r/staging", "models": ["dsr", "recognizer"]},
+                                            {"repo": "/s/runs/r/staging", "models": {"recognizer": {"version": 1},
+                                                                                     "dsr": {"version": 1}}})})
+    _task(tmp_path, "promotion-gate", {"decision": ({"promoted": 1.0, "summary": "promoted: verification.accuracy "
+                                                     "0.9000 >= 0.6: ok"}, None)})
+    _task(tmp_path, "promote", {"repo": ({"uri": "/s/triton", "models": ["dsr", "recognizer"]},
+                                         {"repo": "/s/triton", "run_id": "r",
+                                          "models": {"recognizer": {"version": 2}, "dsr": {"version": 1}}})})
     clock, console = Clock(), Console()
     view = RunView(console, tmp_path, live=False, now=clock)
-    for name in ("ingest", "train-recognizer", "evaluate-vlr", "export-vlr"):
+    for name in ("ingest", "train-recognizer", "evaluate-vlr", "export-vlr", "promotion-gate", "promote"):
         for line in _kfp_lines(name):
             view.feed(line)
             clock.t += 2.0
     lines = console.lines()
-    assert len(lines) == 8, lines
+    assert len(lines) == 12, lines
     assert lines[0].split() == ["ingest", "started"]
     assert lines[1].split()[:3] == ["ingest", "done", "0:10"]
     assert "58 images ingested, 2 rejected, 10 people" in lines[1]
     assert "best val accuracy 0.840" in lines[3] and "30 steps" in lines[3]
     assert "32x32 accuracy HR 0.900, bicubic 0.700, DSR 0.800, DSR PSNR 24.50 dB" in lines[5]
-    assert "served dsr v1, recognizer v2" in lines[7]
+    assert "staged dsr v1, recognizer v1" in lines[7]  # export writes the run's staging repository
+    assert "promoted: verification.accuracy 0.9000 >= 0.6: ok" in lines[9]
+    assert "served dsr v1, recognizer v2" in lines[11]  # what the served repository holds now
     assert not any(noise in console.text for noise in NOISE)
 
 
@@ -299,7 +307,9 @@ def test_tiny_run_prints_one_line_per_step_start_and_end(tmp_path):
     r = _faceops("run", "arcface_resnet34", "--config", str(TINY), "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     check_clean_view(r.stdout + r.stderr, STEPS["arcface_resnet34"], tmp_path)
-    assert str(tmp_path / "store" / "runs" / "run" / "evaluation" / "report.html") in r.stdout
+    (run,) = (tmp_path / "store" / "runs").iterdir()  # named by the run id the first line prints
+    assert f"run id {run.name} " in r.stdout.splitlines()[0]
+    assert str(run / "evaluation" / "report.html") in r.stdout
 
 
 @pytest.mark.slow
@@ -326,11 +336,12 @@ def test_bucket_run_prints_s3_uris_and_copies_the_report(s3_bucket, tmp_path):
     r = _faceops("run", "arcface_resnet34", "--config", str(TINY), "--out", str(tmp_path),
                  "--param", f"store_uri={s3_bucket}", "--param", f"model_repo_uri={s3_bucket}/triton")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_id = re.search(r"run id (\S+) ", r.stdout)[1]
+    run = f"{s3_bucket}/runs/{run_id}"
     rows = dict(ln.strip().split(None, 1) for ln in r.stdout.splitlines()
                 if ln.startswith("  ") and ln.split()[0] in ("metrics", "checkpoints"))
-    assert rows == {"metrics": f"{s3_bucket}/runs/run/evaluation/metrics.json",
-                    "checkpoints": f"{s3_bucket}/runs/run"}
-    assert f"report            {s3_bucket}/runs/run/evaluation/report.html" in r.stdout
+    assert rows == {"metrics": f"{run}/evaluation/metrics.json", "checkpoints": run}
+    assert f"report            {run}/evaluation/report.html" in r.stdout
     assert f"model repository  {s3_bucket}/triton" in r.stdout
     assert str(tmp_path / "store") not in r.stdout  # no local path that does not exist
     copy = tmp_path / "report" / "report.html"
