@@ -61,7 +61,7 @@ def _synth_source(config_yaml: str, tmp: str) -> str:
 
     cfg = section(SynthConfig, config_yaml, "synth")
     return str(synthesize(Path(tmp) / "synth", cfg.identities, cfg.images_per_identity, cfg.seed, cfg.size,
-                          progress=False))
+                          progress=False, style=cfg.style))
 
 
 def ingest_stage(source: str, name: str, store_uri: str, config_yaml: str = "", pairs_file: str = "",
