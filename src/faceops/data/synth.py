@@ -117,17 +117,23 @@ def render(ident: Identity, rng: np.random.Generator, size: int = 112) -> Image.
           10 if smile >= 0 else 190, 170 if smile >= 0 else 350, fill=ident.lip, width=3)
     img = img.rotate(rng.normal(0, 7), resample=Image.Resampling.BILINEAR, center=(cx, cy),
                      fillcolor=background)
+    return photograph(img, rng, size, blur_p=0.3, blur_max=1.2, margins=(10, 22))
+
+
+def photograph(img: Image.Image, rng: np.random.Generator, size: int, blur_p: float, blur_max: float,
+               margins: tuple[int, int]) -> Image.Image:
+    """A drawn face as a camera gives it: directional light and gain, noise, sometimes blur, then a
+    detector-like crop (margin drawn from ``margins``) resized to ``size``."""
     a = np.asarray(img, dtype=np.float32)
-    # lighting: a directional gradient plus global gain
     ang = rng.uniform(0, 2 * math.pi)
     yy, xx = np.mgrid[0:CANVAS, 0:CANVAS] / CANVAS - 0.5
     light = 1 + rng.uniform(0.0, 0.35) * (np.cos(ang) * xx + np.sin(ang) * yy)
     a = a * light[..., None] * rng.uniform(0.75, 1.2)
     a = a + rng.normal(0, rng.uniform(2, 8), a.shape)
     img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    if rng.random() < 0.3:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
-    m = int(rng.integers(10, 22))
+    if rng.random() < blur_p:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, blur_max)))
+    m = int(rng.integers(*margins))
     img = img.crop((m, m, CANVAS - m, CANVAS - m))
     return img.resize((size, size), Image.Resampling.BICUBIC)
 

@@ -17,9 +17,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
-CANVAS = 160  # drawn larger, then cropped/resized (like a detector crop around the face)
+from faceops.data.synth import CANVAS, photograph
+
 HAIR = ((30, 25, 20), (70, 45, 25), (110, 75, 40), (120, 50, 30), (120, 120, 120))  # shared by everyone
 Colour = tuple[int, int, int]
 
@@ -115,14 +116,4 @@ def render(ident: FineIdentity, rng: np.random.Generator, size: int = 112) -> Im
     d.line(_curve(fx - ident.mouth_w, fx + ident.mouth_w, cy + ident.mouth_y, -smile), fill=lip,
            width=max(1, round(ident.lip_w)), joint="curve")
     img = img.rotate(rng.normal(0, 5), resample=Image.Resampling.BILINEAR, center=(cx, cy), fillcolor=background)
-    a = np.asarray(img, dtype=np.float32)
-    angle = rng.uniform(0, 2 * math.pi)
-    yy, xx = np.mgrid[0:CANVAS, 0:CANVAS] / CANVAS - 0.5
-    light = 1 + rng.uniform(0.0, 0.35) * (np.cos(angle) * xx + np.sin(angle) * yy)
-    a = a * light[..., None] * rng.uniform(0.75, 1.2)
-    a = a + rng.normal(0, rng.uniform(2, 8), a.shape)
-    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    if rng.random() < 0.2:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.9)))
-    m = int(rng.integers(13, 19))
-    return img.crop((m, m, CANVAS - m, CANVAS - m)).resize((size, size), Image.Resampling.BICUBIC)
+    return photograph(img, rng, size, blur_p=0.2, blur_max=0.9, margins=(13, 19))
