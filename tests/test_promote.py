@@ -4,6 +4,7 @@ changing what another pipeline's ensemble answers (checked over gRPC on a REAL l
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -303,3 +304,27 @@ def test_a_nan_figure_stays_off_the_metrics_artifact_and_never_passes_the_gate(t
     assert metrics.metadata["verification.eer"] == 0.2 and "verification.accuracy" not in metrics.metadata
     decision = gate_stage(dict(metrics.metadata))
     assert not decision["passed"] and "verification.accuracy nan >= 0.6: FAILS" in decision["summary"]
+
+
+def test_rollback_serves_an_earlier_version_and_says_where_it_came_from(models, tmp_path, capsys):
+    from faceops.cli import main
+
+    live = tmp_path / "triton"
+    for run, rec in (("a", models[0]), ("b", models[1])):
+        promote(_stage(tmp_path, run, rec, {"32x32": models[2]}), str(live), run_id=run, dataset_hash="h",
+                metrics=METRICS)
+    assert list(_config(live, "recognizer").version_policy.specific.versions) == [2]
+
+    def refused(*argv: str) -> str:
+        assert main(["rollback", *argv, "--repo", str(live)]) != 0
+        return capsys.readouterr().err
+
+    assert "an ensemble pins recognizer version(s) [2]" in refused("recognizer", "1")  # vlr_face v2 pins it
+    assert "vlr_face is an ensemble" in refused("vlr_face", "1")
+    assert "no version 9" in refused("recognizer", "9")
+    promote(_stage(tmp_path, "c", models[0]), str(live), run_id="c", dataset_hash="h", metrics=METRICS)  # v3
+    assert main(["rollback", "recognizer", "2", "--repo", str(live)]) == 0  # back from run c's to run b's
+    out = capsys.readouterr().out
+    assert "recognizer: now serving version 2" in out and re.search(r"run_id\s+b\n", out)
+    assert list(_config(live, "recognizer").version_policy.specific.versions) == [2]
+    assert version_provenance(_config(live, "recognizer"), 1)["run_id"] == "a"  # every present version's record

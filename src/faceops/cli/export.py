@@ -32,6 +32,30 @@ def register(subparsers) -> None:
     add_config_args(p, "export", "export.opset=18")
     p.set_defaults(func=main)
 
+    r = subparsers.add_parser(
+        "rollback", help="serve an earlier version of a model in a Triton repository",
+        description="Serve VERSION of MODEL (a version the repository still holds) instead of its newest: its "
+        "config.pbtxt's version policy is set to it (versions an ensemble pins stay served), under the same "
+        "lock as publishing; a Triton polling the repository switches at its next poll. Prints where the "
+        "version came from (its provenance: run id, dataset content hash, headline figures).")
+    r.add_argument("model", metavar="MODEL", help="served model name, e.g. recognizer")
+    r.add_argument("version", type=int, metavar="VERSION")
+    r.add_argument("--repo", required=True, metavar="URI", help="Triton model repository (path or s3://)")
+    r.set_defaults(func=run_rollback)
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    from faceops.export.triton_repo import rollback
+    from faceops.storage import open_store
+
+    provenance = rollback(open_store(args.repo), args.model, args.version)
+    print(f"{args.model}: now serving version {args.version} from {args.repo}")
+    for key, value in sorted(provenance.items()):
+        print(f"  {key:<32} {value}")
+    if not provenance:
+        print("  (no provenance recorded for this version: published before faceops recorded it)")
+    return 0
+
 
 def main(args: argparse.Namespace) -> int:
     from faceops.config import load

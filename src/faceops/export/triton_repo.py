@@ -388,6 +388,32 @@ def _write_config(store: ObjectStore, config: mc.ModelConfig, version: int, keep
     store.put_bytes(f"{name}/{CONFIG}", to_text(config).encode())
 
 
+def rollback(store: ObjectStore, model: str, version: int, holder: str = "faceops rollback") -> dict[str, str]:
+    """Serve ``version`` of ``model`` (a version folder still in the repository) instead of its newest,
+    under the publish lock; versions an ensemble pins stay served. Returns that version's provenance.
+    An ensemble is not rolled back: its config pins the versions of its steps, which would stay."""
+    key = f"{model}/{CONFIG}"
+    with repository_lock(store, holder):
+        if not store.exists(key):
+            raise FaceopsError(f"{store.url(model)}: no such model in the repository")
+        config = parse_config(store.get_bytes(key).decode(), store.url(key))
+        if config.platform == "ensemble":
+            raise FaceopsError(f"{model} is an ensemble: roll back the models it pins (its steps), or publish the "
+                               "older export again")
+        present = versions(store, model)
+        if version not in present:
+            raise FaceopsError(f"{model} has no version {version} in {store.uri} (it has {present})")
+        newer = sorted(v for v in pinned_versions(store).get(model, set()) if v > version)
+        if newer:  # Triton answers a request without a version from the newest it serves
+            raise FaceopsError(f"an ensemble pins {model} version(s) {newer}, which stay served, so requests "
+                               f"would still reach them: publish the older export again instead")
+        config.version_policy.ClearField("latest")
+        config.version_policy.specific.versions[:] = sorted({version} | pinned_versions(store).get(model, set()))
+        store.put_bytes(key, to_text(config).encode())
+    log.info("Triton repository: %s now serves version %d", store.url(model), version)
+    return version_provenance(config, version)
+
+
 def pinned_versions(store: ObjectStore) -> dict[str, set[int]]:
     """``{model: versions}`` that the repository's ensembles pin."""
     pinned: dict[str, set[int]] = {}
@@ -403,16 +429,16 @@ def pinned_versions(store: ObjectStore) -> dict[str, set[int]]:
 
 
 def _record_provenance(store: ObjectStore, config: mc.ModelConfig, version: int, record: Mapping[str, str]) -> None:
-    """Config parameters saying where each served version came from: the new version's ``record``,
-    and the older served versions' entries carried over from the config being replaced."""
+    """Config parameters saying where each version came from: the new version's ``record``, and the
+    entries of the older versions still in the repository carried over from the config being replaced."""
     for name in [k for k in config.parameters if k.startswith(PROVENANCE_PREFIX)]:
         del config.parameters[name]
-    served = set(config.version_policy.specific.versions) - {version}
+    present = {str(v) for v in versions(store, config.name)} - {str(version)}  # kept: a rollback may serve them
     key = f"{config.name}/{CONFIG}"
-    if served and store.exists(key):
+    if present and store.exists(key):
         current = parse_config(store.get_bytes(key).decode(), store.url(key))
         for name, value in current.parameters.items():
-            if name.startswith(PROVENANCE_PREFIX) and name.split(".")[1] in {str(v) for v in served}:
+            if name.startswith(PROVENANCE_PREFIX) and name.split(".")[1] in present:
                 config.parameters[name].string_value = value.string_value
     for name, value in record.items():
         config.parameters[f"{PROVENANCE_PREFIX}{version}.{name}"].string_value = str(value)
