@@ -19,10 +19,10 @@ from faceops.export.promote import (
     gate,
     headline,
     promote,
-    run_id_of,
     staging_uri,
 )
 from faceops.export.triton_repo import parse_config, version_provenance
+from faceops.metrics import run_id_for
 from faceops.models import DSRConfig, RecognizerConfig, create_dsr, create_recognizer
 from faceops.models.contract import InputContract
 from faceops.stages import run_root_stage
@@ -71,7 +71,7 @@ def test_run_folder_is_the_kfp_run_id_unless_a_run_id_is_given():
     assert run_root_stage("s3://faceops-data/", "exp-7", "0f1e-uuid") == "s3://faceops-data/runs/exp-7"
     with pytest.raises(FaceopsError, match="run_id"):
         run_root_stage("s3://faceops-data", "../other", "uuid")
-    assert run_id_of("s3://faceops-data/runs/exp-7") == "exp-7"
+    assert run_id_for("s3://faceops-data/runs/exp-7") == "exp-7"  # the one reader of that layout
     assert staging_uri("s3://faceops-data/runs/exp-7/") == "s3://faceops-data/runs/exp-7/staging"
 
 

@@ -17,6 +17,7 @@ from faceops import config
 from faceops.errors import FaceopsError
 from faceops.pipelines import PIPELINES
 from faceops.pipelines.platform import ClusterConfig
+from faceops.stages import run_folder_uri
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def run_local(name: str, *, config_file: str | None = None, overrides: list[str]
     if failure is not None:
         raise PipelineRunError(_failure_message(failure, out_dir))
     store = str(args["store_uri"]).rstrip("/")
-    result = LocalRun(out_dir, f"{store}/runs/{args['run_id']}", str(args["model_repo_uri"]), logs,
+    result = LocalRun(out_dir, run_folder_uri(store, str(args["run_id"])), str(args["model_repo_uri"]), logs,
                       time.time() - t0, promoted=_wrote_since(logs / "promote.log", t0))
     if is_remote(result.evaluation):
         try:

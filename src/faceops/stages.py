@@ -136,7 +136,12 @@ def run_root_stage(store_uri: str, run_id: str, job_id: str) -> str:
     chosen = (run_id or job_id).strip()
     if not chosen or "/" in chosen or chosen in (".", ".."):
         raise FaceopsError(f"run_id {chosen!r}: expected a name without '/', or empty for KFP's run id")
-    return f"{store_uri.rstrip('/')}/runs/{chosen}"
+    return run_folder_uri(store_uri, chosen)
+
+
+def run_folder_uri(store_uri: str, run_id: str) -> str:
+    """The layout of run folders (read back by :func:`faceops.metrics.run_id_for`)."""
+    return f"{store_uri.rstrip('/')}/runs/{run_id}"
 
 
 def export_stage(model_uri: str, repo_uri: str, config_yaml: str = "", dsr_uris: list[str] | None = None,
@@ -186,12 +191,13 @@ def promote_stage(staged_uri: str, repo_uri: str, run_root: str, dataset_hash: s
     registration (idempotent) completes it."""
     from faceops.export.config import ExportConfig
     from faceops.export.model_registry import RegistryConfig, register_promoted
-    from faceops.export.promote import promote, provenance, run_id_of
+    from faceops.export.promote import promote, provenance
     from faceops.export.triton_repo import validate_repository
+    from faceops.metrics import run_id_for
 
     with stage_log(log_dir, "promote"):
         cfg = section(ExportConfig, config_yaml, "export")
-        run_id = run_id_of(run_root)
+        run_id = run_id_for(run_root)
         metrics = evaluation_figures(metrics)
         plan = promote(staged_uri, repo_uri, run_id=run_id, dataset_hash=dataset_hash, metrics=metrics,
                        keep=cfg.num_versions)

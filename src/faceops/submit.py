@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import time
@@ -24,7 +25,9 @@ from urllib.parse import urlsplit, urlunsplit
 from faceops import config
 from faceops.errors import FaceopsError
 from faceops.pipelines.platform import ClusterConfig
+from faceops.retry import poll
 from faceops.run import pipeline_module, typed_params
+from faceops.stages import run_folder_uri
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELED", "SKIPPED")  # kfp's finish states, CANCELED included
 REQUEST_TIMEOUT_S = (10, 60)  # (connect, read) per API call: a stalled server fails, it never hangs
@@ -261,34 +264,38 @@ def follow(client, run_id: str, *, interval_s: float = 10.0, timeout_s: float | 
     from kfp_server_api import ApiException
     from urllib3.exceptions import HTTPError
 
-    deadline = time.monotonic() + timeout_s if timeout_s else None
     shown: dict[str, str] = {}
-    run_state, failures = None, 0
-    while True:
+    seen = {"state": None, "failures": 0}
+
+    def probe():
+        """The run (its changes printed), or None when the API did not answer this time."""
         try:
             run = client.runs.run_service_get_run(run_id=run_id, _request_timeout=REQUEST_TIMEOUT_S)
-            failures = 0
         except (ApiException, HTTPError, OSError) as exc:
-            failures += 1
-            if (isinstance(exc, ApiException) and exc.status in (401, 403, 404)) or failures >= POLL_FAILURES:
+            seen["failures"] += 1
+            if (isinstance(exc, ApiException) and exc.status in (401, 403, 404)) or seen["failures"] >= POLL_FAILURES:
                 raise _api_error(exc, f"following run {run_id}", _host(client)) from None
             echo(f"  (the KFP API did not answer: {type(exc).__name__}; retrying)")
-        else:
-            ended = run.state in TERMINAL
-            if run.state != run_state and not ended:  # the end comes after the steps' last changes
-                echo(f"run {run.state}")
-            run_state = run.state
-            for key, (label, state, _) in task_states(run, PipelineShape.of(run)).items():
-                if shown.get(key) != state:
-                    shown[key] = state
-                    echo(f"  {label}  {state}")
-            if ended:
-                echo(f"run {run_state}")
-                return run
-        if deadline and time.monotonic() > deadline:
-            raise FollowTimeout(f"run {run_id} had not finished after {timeout_s:g} s (last state "
-                                f"{run_state or 'unknown'}); it goes on")
-        time.sleep(interval_s)
+            return None
+        seen["failures"] = 0
+        ended = run.state in TERMINAL
+        if run.state != seen["state"] and not ended:  # the end comes after the steps' last changes
+            echo(f"run {run.state}")
+        seen["state"] = run.state
+        for key, (label, state, _) in task_states(run, PipelineShape.of(run)).items():
+            if shown.get(key) != state:
+                shown[key] = state
+                echo(f"  {label}  {state}")
+        if ended:
+            echo(f"run {run.state}")
+        return run
+
+    run = poll(probe, lambda r: r is not None and r.state in TERMINAL, timeout_s=timeout_s or math.inf,
+               interval_s=interval_s)
+    if run is None or run.state not in TERMINAL:
+        raise FollowTimeout(f"run {run_id} had not finished after {timeout_s:g} s (last state "
+                            f"{seen['state'] or 'unknown'}); it goes on")
+    return run
 
 
 def _host(client) -> str:
@@ -311,7 +318,7 @@ def run_outputs(run) -> str | None:
     store_uri, run_id = (given.get(k, defaults.get(k, {}).get("defaultValue")) for k in ("store_uri", "run_id"))
     if not store_uri:
         return None
-    return f"{str(store_uri).rstrip('/')}/runs/{run_id or run.run_id}/evaluation"
+    return f"{run_folder_uri(str(store_uri), run_id or run.run_id)}/evaluation"
 
 
 def promotion(run) -> str:

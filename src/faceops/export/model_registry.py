@@ -115,10 +115,8 @@ def register_promoted(cfg: RegistryConfig, versions: Mapping[str, int], repo_uri
         return []
     metadata = flatten_provenance(provenance)
     formats = {m: _format(m, (platforms or {}).get(m, "onnxruntime_onnx")) for m in versions}
-    token = _token()
     models = sorted(versions)
-    with _calls(cfg, token, "connecting", models):
-        client = _connect(cfg, token)
+    client, token = _connected(cfg, models)
     done: list[RegistryVersion] = []
     for i, model in enumerate(models):
         version = versions[model]
@@ -149,11 +147,12 @@ def registry_version(cfg: RegistryConfig, model: str, version: int) -> RegistryV
         return _entry(client, model, mv)
 
 
-def _connected(cfg: RegistryConfig) -> tuple[Any, str | None]:
-    """A client of an enabled registry, and the token it sends (kept for scrubbing error texts)."""
+def _connected(cfg: RegistryConfig, pending: list[str] | None = None) -> tuple[Any, str | None]:
+    """A client of an enabled registry, and the token it sends (kept for scrubbing error texts);
+    ``pending``: the models a failure leaves unregistered (named in its message)."""
     _require_enabled(cfg)
     token = _token()
-    with _calls(cfg, token, "connecting"):
+    with _calls(cfg, token, "connecting", pending):
         return _connect(cfg, token), token
 
 

@@ -113,11 +113,6 @@ def staging_uri(run_root: str) -> str:
     return f"{run_root.rstrip('/')}/{STAGING}"
 
 
-def run_id_of(run_root: str) -> str:
-    """The run id in ``<store>/runs/<run_id>`` (the last path component otherwise)."""
-    return run_root.rstrip("/").rsplit("/", 1)[-1]
-
-
 def headline(model: str, metrics: Mapping[str, float]) -> dict[str, float]:
     """The figures that describe one served model: a size's models its DSR(+fine-tune) row, the rest HR."""
     m = SIZED_MODEL.match(model)

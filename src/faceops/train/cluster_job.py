@@ -30,6 +30,7 @@ from typing import Any
 from faceops import config
 from faceops.config import check
 from faceops.images import TRAINER_IMAGE_ENV, image
+from faceops.retry import poll
 from faceops.train.torchrun import ENTRY_MODULE, LaunchError, train_argv
 from faceops.train.trainjob_api import (
     TRAINJOB_GROUP,
@@ -333,7 +334,7 @@ def run_trainjob(task: str, config_yaml: str, overrides: list[str], *, gpus_per_
         if not jobs.delete(name):
             raise LaunchError(f"TrainJob {namespace}/{name} failed earlier and could not be deleted: delete it "
                               f"(kubectl -n {namespace} delete trainjob {name}) and retry the step")
-        _wait_gone(jobs, name, sleep)
+        _wait_gone(jobs, name, sleep, clock)
         existing = None
     if existing is None:
         jobs.create(manifest)
@@ -365,13 +366,10 @@ def run_trainjob(task: str, config_yaml: str, overrides: list[str], *, gpus_per_
     return 0
 
 
-def _wait_gone(jobs: TrainJobs, name: str, sleep: Callable[[float], None], tries: int = 60) -> None:
+def _wait_gone(jobs: TrainJobs, name: str, sleep: Callable[[float], None], clock: Callable[[], float]) -> None:
     """Deletion is asynchronous: a create under the same name right away would get 409."""
-    for _ in range(tries):
-        if jobs.find(name) is None:
-            return
-        sleep(2.0)
-    raise LaunchError(f"TrainJob {jobs.namespace}/{name} is still being deleted: retry the step later")
+    if not poll(lambda: jobs.find(name) is None, timeout_s=120.0, interval_s=2.0, sleep=sleep, clock=clock):
+        raise LaunchError(f"TrainJob {jobs.namespace}/{name} is still being deleted: retry the step later")
 
 
 def _show_log_tail(jobs: TrainJobs, name: str) -> None:

@@ -183,12 +183,14 @@ class TrainJobs:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            obj = self.custom.get_namespaced_custom_object(name=name, **self._args())
+            return self._status(name)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise LaunchError(f"reading TrainJob {self.namespace}/{name}: {exc.status} {exc.reason}") from None
-        return obj.get("status") or {}
+
+    def _status(self, name: str) -> dict:
+        return self.custom.get_namespaced_custom_object(name=name, **self._args()).get("status") or {}
 
     def status(self, name: str) -> dict | None:
         """The job's ``.status`` ({} before the controller's first update); None after a transient error."""
@@ -196,7 +198,7 @@ class TrainJobs:
         from urllib3.exceptions import HTTPError
 
         try:
-            obj = self.custom.get_namespaced_custom_object(name=name, **self._args())
+            return self._status(name)
         except ApiException as exc:
             if exc.status == 404:
                 raise LaunchError(f"TrainJob {self.namespace}/{name} disappeared while waiting "
@@ -209,7 +211,6 @@ class TrainJobs:
         except HTTPError as exc:
             log.warning("reading TrainJob %s/%s: %s (retrying)", self.namespace, name, exc)
             return None
-        return obj.get("status") or {}
 
     def delete(self, name: str) -> bool:
         """Delete the TrainJob (its JobSet and pods follow); False, logged with the command, if it failed."""
