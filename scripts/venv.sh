@@ -5,12 +5,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+stamp=".venv/.faceops-installed"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+# The locked torch is a CUDA build: the venv takes about 6 GB and pip unpacks through TMPDIR. A full
+# disk would otherwise stop pip half-way with "[Errno 28] No space left on device" and a torn venv.
+need_gb="${FACEOPS_VENV_MIN_FREE_GB:-8}"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  for dir in . "${TMPDIR:-/tmp}"; do
+    free_gb=$(( $(df -Pk "$dir" | awk 'NR==2 {print $4}') / 1048576 ))
+    if [ "$free_gb" -lt "$need_gb" ]; then
+      echo "[faceops] $(cd "$dir" && pwd) has ${free_gb} GB free; installing the locked venv needs about" \
+           "${need_gb} GB there: free some space (old clones, .venv copies, /tmp/pytest-of-$(id -un))" \
+           "or point TMPDIR at a larger disk" >&2
+      exit 1
+    fi
+  done
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "[faceops] creating .venv"
   "$PY" -m venv .venv
 fi
-stamp=".venv/.faceops-installed"
-want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   rm -f "$stamp"
   echo "[faceops] installing the locked dependencies into .venv (torch first: about 3 minutes on a fresh machine)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import runpy
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,16 @@ def test_venv_script_installs_exactly_the_lock_and_fails_loudly():
     assert "--no-deps -r constraints.txt" in text and "pip[@]}\" check" in text and "check_lock.py" in text
     assert "|| true" not in text.split("stamp=")[1].split("echo \"$want\"")[0].replace(
         'cat "$stamp" 2>/dev/null || true', ""), "an install step swallows its exit code"
+
+
+def test_venv_script_refuses_a_full_disk_before_touching_the_venv(tmp_path):
+    """CI once died half-way through pip with "[Errno 28] No space left on device": the script must
+    say where space is short and how much it needs, and leave no torn .venv behind."""
+    (tmp_path / "scripts").mkdir()
+    for name in ("scripts/venv.sh", "pyproject.toml", "constraints.txt"):
+        (tmp_path / name).write_bytes((REPO / name).read_bytes())
+    run = subprocess.run(["bash", "scripts/venv.sh"], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "FACEOPS_VENV_MIN_FREE_GB": "1000000", "TMPDIR": str(tmp_path)})
+    assert run.returncode == 1, run.stderr
+    assert f"{tmp_path} has " in run.stderr and "needs about 1000000 GB" in run.stderr, run.stderr
+    assert not (tmp_path / ".venv").exists()
