@@ -1,20 +1,29 @@
-"""VLR benchmark: HR / bicubic / DSR / DSR + fine-tuned recognizer at 32x32 and 14x16 on LFW.
+"""VLR benchmark on LFW: HR / bicubic / bicubic + fine-tune (the control) / DSR / DSR + fine-tune, per size.
 
-The chain ``ingest -> train recognizer -> train DSR (per size) -> fine-tune on DSR outputs (per size)
--> evaluate`` runs on ``../shared/data/lfw_devtrain`` (centre crop 128), identity-disjoint splits: the
-models never see the test split's people, which the table is measured on (verification accuracy,
-TAR@FAR=1e-3, rank-1, plus DSR PSNR/SSIM against bicubic). Each training stage gets a CPU budget in
-minutes (``--minutes-per-stage``): its step count is the budget divided by the step time of a probe
-run of the same stage (measured, not assumed, on a shared machine), so
-figures from a small budget are a floor, not what the recipe reaches.
+The chain ``ingest -> recognizer -> per size (32x32, 14x16): DSR -> fine-tune on DSR outputs and,
+as the control, the same fine-tune on bicubic faces -> evaluate`` runs on
+``../shared/data/lfw_devtrain``, identity-disjoint: the models never see the test split's people, on
+which every figure is measured (verification accuracy ± standard error over 10 folds, TAR@FAR=1e-3,
+rank-1 ± binomial SE, PSNR/SSIM on RGB and on the Y channel). The control gets the same steps and
+recipe as the DSR fine-tune, so ``dsr_finetuned - bicubic_finetuned`` is what DSR itself adds.
 
-Models land in ``bench/artifacts/vlr/`` (git-ignored) as ``recognizer.pt``, ``dsr_32x32.pt``,
-``dsr_14x16.pt``, ``recognizer_finetuned.pt`` (32x32; ``recognizer_finetuned_14x16.pt`` for 14x16),
-each with its ``.onnx`` and the ``.yaml`` config it was trained with, so a held-out evaluation can run
-on them with ``faceops evaluate`` outside the repo. Run from the repository root:
-``python -m bench.vlr [--minutes-per-stage 1.5]`` (writes bench/results/vlr.json).
+VLR only matters once the recognizer is strong, so the intended use takes the recognizer the
+accuracy benchmark trained (its ingest config comes with it, so the held-out people are the same)::
 
-Goal (issue): DSR + fine-tuning recovers at least half of the accuracy bicubic loses against HR at 32x32.
+    python -m bench.accuracy --minutes 27
+    python -m bench.vlr --init-recognizer bench/artifacts/accuracy/recognizer.pt --minutes-per-stage 4
+
+Without ``--init-recognizer`` a recognizer is trained first, for one stage budget. Each training
+stage gets ``--minutes-per-stage`` CPU minutes: its step count is the budget divided by the step time
+of a short probe run of the same stage (measured, on a shared machine), so figures from a small
+budget are a floor, not what the recipe reaches.
+
+Goals (issue 11), reported per size under ``goals`` with their standard errors: DSR + fine-tune beats
+the control by >= 2 points, and recovers >= half of what bicubic loses against HR. A difference
+under two standard errors is "no measurable difference".
+
+Models land in ``bench/artifacts/vlr/`` (git-ignored), each checkpoint with its ``.onnx`` and the
+``.yaml`` config it was trained with, for ``faceops evaluate`` outside the repo.
 """
 
 from __future__ import annotations
@@ -33,8 +42,11 @@ import yaml
 from faceops import config
 from faceops.config import to_dict
 from faceops.data.ingest import IngestConfig, ingest
+from faceops.data.manifest import load_manifest
 from faceops.data.prepare import PrepareConfig
 from faceops.evaluate import evaluate
+from faceops.evaluate.report_headline import MEASURABLE_SE, accuracies, sentence
+from faceops.evaluate.runner import SETTINGS
 from faceops.models import RecognizerConfig
 from faceops.train.checkpoint import load_model
 from faceops.train.dsr import dsr_recipe, train_dsr
@@ -46,7 +58,6 @@ from ._runner import save_result
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "bench" / "artifacts" / "vlr"
 SIZES = ("32x32", "14x16")
-SETTINGS = ("hr", "bicubic", "dsr", "dsr_finetuned")
 
 
 def data_root() -> Path:
@@ -73,25 +84,27 @@ def _vlr(size: str, batch: int) -> torch.Tensor:
 
 
 def train_images(data: str) -> int:
-    from faceops.data.manifest import load_manifest
-
     return sum(im["split"] == "train" for im in load_manifest(data)["images"])
 
 
-def publish(src: str, name: str, cfg: object, kind: str) -> dict:
-    """Copy a checkpoint into the artifacts folder with its config and an ONNX export beside it."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    dst = ARTIFACTS / f"{name}.pt"
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def publish(src: str, name: str, cfg: object, kind: str, artifacts: Path = ARTIFACTS) -> dict:
+    """Copy a checkpoint into ``artifacts`` with its config and an ONNX export beside it."""
+    artifacts.mkdir(parents=True, exist_ok=True)
+    dst = artifacts / f"{name}.pt"
     shutil.copyfile(src, dst)
-    (ARTIFACTS / f"{name}.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    out = {"checkpoint": str(dst.relative_to(REPO))}
+    (artifacts / f"{name}.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    out = {"checkpoint": _shown(dst)}
     try:
         from faceops.export import ExportConfig, export_onnx
 
         model, meta = load_model(str(dst))
         example = _vlr(meta["vlr_size"], 1) if kind == "dsr" else torch.rand(1, 3, 112, 112) * 2 - 1
-        export_onnx(model, ARTIFACTS / f"{name}.onnx", example, kind, ExportConfig())
-        out["onnx"] = str((ARTIFACTS / f"{name}.onnx").relative_to(REPO))
+        export_onnx(model, artifacts / f"{name}.onnx", example, kind, ExportConfig())
+        out["onnx"] = _shown(artifacts / f"{name}.onnx")
     except ImportError as exc:  # export is optional for the benchmark's figures
         out["onnx"] = f"skipped: {exc}"
     return out
@@ -99,36 +112,66 @@ def publish(src: str, name: str, cfg: object, kind: str) -> dict:
 
 def table_row(block: dict) -> dict:
     v, i = block["verification"], block["identification"]
-    row = {"accuracy": v["accuracy"], "tar_at_far_1e-3": v["tar_at_far"]["1e-3"], "rank1": i["rank1"]}
-    if "super_resolution" in block:
-        row |= {"psnr_db": block["super_resolution"]["psnr"], "ssim": block["super_resolution"]["ssim"]}
+    row = {"accuracy": v["accuracy"], "accuracy_se": v["accuracy_se"], "tar_at_far_1e-3": v["tar_at_far"]["1e-3"],
+           "rank1": i["rank1"], "rank1_se": i["rank1_se"]}
+    sr = block.get("super_resolution")
+    if sr:
+        row |= {k: sr[k] for k in ("psnr", "ssim", "psnr_y", "ssim_y")}
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def goals(per_size: dict) -> dict:
+    """The issue's two goals at one size, each difference in points with its standard error."""
+    acc = accuracies(per_size)
+    loss, beyond = acc["hr"].minus(acc["bicubic"]), acc["dsr_finetuned"].minus(acc["bicubic_finetuned"])
+    recovered = acc["dsr_finetuned"].minus(acc["bicubic"])
+    out = {"bicubic_loss_points": [100 * loss.value, 100 * loss.se],
+           "dsr_ft_minus_control_points": [100 * beyond.value, 100 * beyond.se],
+           "dsr_ft_minus_control_measurable": beyond.measurable,
+           "dsr_ft_recovers_points": [100 * recovered.value, 100 * recovered.se],
+           "recovered_fraction_of_bicubic_loss": recovered.value / loss.value if loss.value > 0 else None,
+           "goal_beats_control_by_2_points": beyond.value >= 0.02 and beyond.measurable,
+           "goal_recovers_half": bool(loss.value > MEASURABLE_SE * loss.se and recovered.value >= loss.value / 2),
+           "sentence": sentence("", acc).replace("At , ", "")}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes-per-stage", type=float, default=1.5,
-                   help="CPU minutes for each training stage (recognizer, DSR x2, fine-tune x2)")
+                   help="CPU minutes for each training stage (recognizer; per size DSR, fine-tune, control)")
     p.add_argument("--recognizer", default="edgeface_xxs", help="backbone of the recognizer")
     p.add_argument("--dsr-channels", type=int, default=32, help="DSR base channels (recipe: 128)")
     p.add_argument("--dsr-blocks", type=int, default=4, help="DSR residual blocks (recipe: 16)")
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), help="VLR sizes WxH")
     p.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0))))
-    p.add_argument("--work", default=str(ARTIFACTS / "work"), help="store and run folders")
+    p.add_argument("--artifacts", default=str(ARTIFACTS), help="checkpoints, ONNX files and configs go here")
+    p.add_argument("--work", default=None, help="store and run folders (default: ARTIFACTS/work)")
+    p.add_argument("--results", default=None, help="results folder (default bench/results)")
     p.add_argument("--init-recognizer", metavar="CKPT",
                    help="use this trained recognizer checkpoint instead of training one (e.g. the one "
                    "bench/accuracy.py leaves in bench/artifacts/accuracy/recognizer.pt)")
     p.add_argument("--ingest-config", metavar="YAML",
-                   help="ingest config to use (e.g. bench/artifacts/accuracy/ingest_config.yaml, so the held-out "
-                   "identities match the recognizer's)")
+                   help="ingest config (default: the ingest_config.yaml beside --init-recognizer, so the held-out "
+                   "people are the ones the recognizer never saw; without a recognizer: centre crop 128)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
-    work = Path(args.work)
+    artifacts_dir = Path(args.artifacts)
+    work = Path(args.work) if args.work else artifacts_dir / "work"
     budget = args.minutes_per_stage
-    icfg = (config.load(IngestConfig, args.ingest_config) if args.ingest_config
+    ingest_yaml = args.ingest_config
+    if args.init_recognizer and not ingest_yaml:
+        beside = Path(args.init_recognizer).with_name("ingest_config.yaml")
+        if not beside.is_file():
+            raise SystemExit(f"--init-recognizer {args.init_recognizer}: no {beside.name} beside it; pass the "
+                             "--ingest-config it was trained with, or its test people may be in its training set")
+        ingest_yaml = str(beside)
+    icfg = (config.load(IngestConfig, ingest_yaml) if ingest_yaml
             else IngestConfig(prepare=PrepareConfig(center_crop=128)))
-    data = ingest(str(data_root() / "lfw_devtrain"), "lfw_devtrain", str(work / "store"), icfg,
-                  progress=False).uri
+    ingested = ingest(str(data_root() / "lfw_devtrain"), "lfw_devtrain", str(work / "store"), icfg, progress=False)
+    data, protocol = ingested.uri, ingested.summary["protocol"]["test"]
     timings: dict[str, float] = {}
 
     model_cfg = RecognizerConfig(name=args.recognizer)
@@ -142,10 +185,11 @@ def main(argv: list[str] | None = None) -> None:
         rc.engine.schedule.warmup_steps = max(1, rc.engine.max_steps // 10)
         rec_uri = train_recognizer(rc).best_checkpoint
     timings["recognizer_s"] = time.time() - t0
-    artifacts = {"recognizer": publish(rec_uri, "recognizer", rc, "recognizer")}
+    artifacts = {"recognizer": publish(rec_uri, "recognizer", rc, "recognizer", artifacts_dir)}
 
     table: dict[str, dict] = {}
-    for size in SIZES:
+    reached: dict[str, dict] = {}
+    for size in args.sizes:
         dc = dsr_recipe(size)
         dc.data, dc.out, dc.recognizer = data, str(work / f"dsr_{size}"), rec_uri
         dc.model.base_channels, dc.model.residual_blocks = args.dsr_channels, args.dsr_blocks
@@ -156,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.time()
         dsr_uri = train_dsr(dc).best_checkpoint
         timings[f"dsr_{size}_s"] = time.time() - t0
-        artifacts[f"dsr_{size}"] = publish(dsr_uri, f"dsr_{size}", dc, "dsr")
+        artifacts[f"dsr_{size}"] = publish(dsr_uri, f"dsr_{size}", dc, "dsr", artifacts_dir)
 
         fc = finetune_recipe(size)
         fc.data, fc.out, fc.dsr, fc.init_from = data, str(work / f"finetune_{size}"), dsr_uri, rec_uri
@@ -170,26 +214,33 @@ def main(argv: list[str] | None = None) -> None:
         fc.engine.epochs = fc.stage1_epochs + fc.stage2_epochs
         fc.engine.progress, fc.engine.max_steps = False, steps
         fc.head_lr_stage2, fc.backbone_lr = 3e-4, 1e-4  # budget-sized steps (recipe: 6e-5 / 6e-6)
-        t0 = time.time()
-        ft_uri = finetune_edgeface(fc).best_checkpoint
-        timings[f"finetune_{size}_s"] = time.time() - t0
-        ft_name = "recognizer_finetuned" if size == "32x32" else f"recognizer_finetuned_{size}"
-        artifacts[ft_name] = publish(ft_uri, ft_name, fc, "recognizer")
+        tuned: dict[str, str] = {}
+        # the control: the same steps and recipe on bicubic faces (no DSR)
+        control = copy.deepcopy(fc)
+        control.upsample, control.dsr, control.out = "bicubic", None, str(work / f"finetune_bicubic_{size}")
+        for kind, ft in (("dsr_finetuned", fc), ("bicubic_finetuned", control)):
+            t0 = time.time()
+            tuned[kind] = finetune_edgeface(ft).best_checkpoint
+            timings[f"{kind}_{size}_s"] = time.time() - t0
+            artifacts[f"{kind}_{size}"] = publish(tuned[kind], f"{kind}_{size}", ft, "recognizer", artifacts_dir)
 
-        metrics = evaluate(rec_uri, work / f"eval_{size}", data=data, dsr=[dsr_uri], finetuned=ft_uri,
-                           vlr=[size])
-        table[size] = {k: table_row(metrics["vlr"][size][k]) for k in SETTINGS}
-        acc = {k: table[size][k]["accuracy"] for k in SETTINGS}
-        lost = acc["hr"] - acc["bicubic"]
-        table[size]["recovered_fraction_of_bicubic_loss"] = (acc["dsr_finetuned"] - acc["bicubic"]) / lost \
-            if lost > 0 else None
+        metrics = evaluate(rec_uri, work / f"eval_{size}", data=data, dsr=[dsr_uri], finetuned=tuned["dsr_finetuned"],
+                           finetuned_bicubic=tuned["bicubic_finetuned"], vlr=[size])
+        per_size = metrics["vlr"][size]
+        table[size] = {k: table_row(per_size[k]) for k in SETTINGS}
+        reached[size] = goals(per_size)
+        print(f"[bench.vlr] {size}: {reached[size]['sentence']}", flush=True)
 
-    figures = {"table": table, "train_seconds": timings, "minutes_per_stage": budget,
+    figures = {"table": table, "goals": reached, "train_seconds": timings, "minutes_per_stage": budget,
                "total_minutes": (time.time() - t_start) / 60, "recognizer": args.recognizer,
+               "init_recognizer": args.init_recognizer, "test_protocol": protocol,
                "dsr": {"base_channels": args.dsr_channels, "residual_blocks": args.dsr_blocks},
                "artifacts": artifacts}
-    save_result("vlr", figures, notes=f"LFW devtrain (centre crop 128), held-out test identities; "
-                f"{budget} CPU min per training stage on {args.threads} threads")
+    save_result("vlr", figures, notes=f"LFW devtrain (centre crop {icfg.prepare.center_crop}), identity-disjoint test "
+                f"people ({protocol['people']} with 2+ images, {protocol['pairs']} pairs); "
+                f"{budget} CPU min per training stage on {args.threads} threads; accuracy ± SE over 10 folds",
+                results_dir=Path(args.results) if args.results else None)
+    return figures
 
 
 if __name__ == "__main__":

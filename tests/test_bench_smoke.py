@@ -132,3 +132,55 @@ def test_the_training_loop_never_waits_on_the_device_per_step(tmp_path):
     assert figures["per_step_syncs"] == 0, figures["by_method"]
     assert figures["torch_save_on_training_thread"] == 0
     assert figures["periodic_syncs"] > 0  # the counter sees the reads it should
+
+
+vlr_bench = _import_from_checkout("bench.vlr")
+
+
+def _per_size(acc: dict[str, tuple[float, float]]) -> dict:
+    return {k: {"verification": {"accuracy": a, "accuracy_se": se}} for k, (a, se) in acc.items()}
+
+
+def test_vlr_goals_need_two_points_over_the_control_outside_two_standard_errors():
+    acc = {"hr": (0.86, 0.01), "bicubic": (0.74, 0.01), "bicubic_finetuned": (0.78, 0.01), "dsr": (0.79, 0.01)}
+    met = vlr_bench.goals(_per_size({**acc, "dsr_finetuned": (0.83, 0.01)}))
+    assert met["goal_beats_control_by_2_points"] and met["goal_recovers_half"]
+    assert met["dsr_ft_minus_control_points"][0] == pytest.approx(5.0)
+    assert met["dsr_ft_minus_control_points"][1] == pytest.approx(100 * 2 ** 0.5 * 0.01)
+    assert met["recovered_fraction_of_bicubic_loss"] == pytest.approx(0.75)
+    # 2.5 points over the control, but inside two standard errors: not met
+    inside = vlr_bench.goals(_per_size({**acc, "dsr_finetuned": (0.805, 0.01)}))
+    assert not inside["goal_beats_control_by_2_points"] and not inside["dsr_ft_minus_control_measurable"]
+    assert "no measurable difference" in inside["sentence"]
+
+
+@pytest.mark.slow
+def test_vlr_bench_writes_every_row_with_its_standard_error_and_the_goals(tmp_path, monkeypatch):
+    """A few steps of every stage on synthetic faces: the table has the control row, and the
+    figures go where the options say (nothing tracked is touched)."""
+    import yaml
+
+    from faceops.data.synth import synthesize
+
+    synthesize(tmp_path / "data" / "lfw_devtrain", identities=8, images_per_identity=6, seed=3, progress=False)
+    monkeypatch.setenv("FACEOPS_DATA", str(tmp_path / "data"))
+    ingest_yaml = tmp_path / "ingest.yaml"
+    ingest_yaml.write_text(yaml.safe_dump({"train_classes": {"rule": "all"}, "pairs_per_split": 40,
+                                           "degrade": {"sizes": ["14x16"]}}))
+    figures = vlr_bench.main(["--minutes-per-stage", "0.001", "--sizes", "14x16", "--dsr-channels", "8",
+                              "--dsr-blocks", "1", "--threads", "1", "--ingest-config", str(ingest_yaml),
+                              "--artifacts", str(tmp_path / "art"), "--results", str(tmp_path / "results")])
+    row = figures["table"]["14x16"]
+    assert set(row) == {"hr", "bicubic", "bicubic_finetuned", "dsr", "dsr_finetuned"}
+    assert all("accuracy_se" in r and "rank1_se" in r for r in row.values())
+    assert {"psnr", "ssim", "psnr_y", "ssim_y"} <= set(row["dsr"])
+    assert "goal_beats_control_by_2_points" in figures["goals"]["14x16"]
+    assert (tmp_path / "results" / "vlr.json").is_file()
+    assert (tmp_path / "art" / "bicubic_finetuned_14x16.pt").is_file()
+
+
+def test_vlr_bench_refuses_a_recognizer_without_its_ingest_config(tmp_path):
+    ckpt = tmp_path / "recognizer.pt"
+    ckpt.write_bytes(b"")
+    with pytest.raises(SystemExit, match="ingest_config.yaml beside it"):
+        vlr_bench.main(["--init-recognizer", str(ckpt), "--artifacts", str(tmp_path)])
