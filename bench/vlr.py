@@ -64,18 +64,19 @@ def data_root() -> Path:
     return Path(os.environ.get("FACEOPS_DATA") or REPO.parent / "shared" / "data")
 
 
-def seconds_per_step(train: Callable, cfg, name: str, work: Path, probe_steps: int = 6) -> float:
-    """Wall time per step of a short probe run of the real stage (setup and validation included, so
-    the estimate errs on the long side and the stage stays within its budget on a busy machine)."""
+def seconds_per_step(train: Callable, cfg, name: str, work: Path, probe_steps: int = 8) -> float:
+    """Training seconds per step of a short probe run of the real stage, from the engine's own epoch
+    timing: a few-step probe's wall time is mostly setup and validation, which once made every stage
+    train for a fifth of its budget."""
     probe = copy.deepcopy(cfg)
     probe.out, probe.engine.max_steps = str(work / "probe" / name), probe_steps
-    t0 = time.time()
-    train(probe)
-    return (time.time() - t0) / probe_steps
+    fit = train(probe)
+    return sum(h["seconds"] for h in fit.history) / max(1, fit.steps)
 
 
 def steps_for(budget_min: float, step_s: float) -> int:
-    return max(5, int(budget_min * 60 / step_s))
+    """Steps that fill the budget, a fifth of it left for validation and checkpoints."""
+    return max(5, int(budget_min * 60 * 0.8 / step_s))
 
 
 def _vlr(size: str, batch: int) -> torch.Tensor:
@@ -205,7 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
         fc = finetune_recipe(size)
         fc.data, fc.out, fc.dsr, fc.init_from = data, str(work / f"finetune_{size}"), dsr_uri, rec_uri
         fc.engine.progress = False
-        steps = steps_for(budget, seconds_per_step(finetune_edgeface, fc, f"finetune_{size}", work))
+        full_model = copy.deepcopy(fc)  # probe stage 2 (the whole model trains), where the budget goes
+        full_model.stage1_epochs = 0
+        steps = steps_for(budget, seconds_per_step(finetune_edgeface, full_model, f"finetune_{size}", work))
         epoch = max(1, train_images(data) // fc.loader.batch_size)
         # stage 1 (one epoch) only when the budget leaves room for stage 2; the head comes from the
         # recognizer run (same dataset), so a short budget goes to stage 2
