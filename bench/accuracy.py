@@ -39,6 +39,7 @@ import argparse
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,8 @@ def data_root() -> Path:
     return Path(os.environ.get("FACEOPS_DATA") or REPO.parent / "shared" / "data")
 
 
-def ingest_config(crop: int, min_images: int | None, held_out: float, rule: str = "seeds",
-                  val_share: float = 0.5) -> IngestConfig:
+def ingest_config(crop: int, min_images: int | None, held_out: float, rule: str = "all",
+                  val_share: float = 0.15) -> IngestConfig:
     """LFW devtrain as the benchmark ingests it: ``held_out`` of the people with 2+ images (at least;
     everyone the training-class rule leaves out is held out too), ``val_share`` of them in val."""
     return IngestConfig(prepare=PrepareConfig(center_crop=crop),
@@ -91,8 +92,8 @@ def recipe(args: argparse.Namespace, data: str, out: str) -> RecognizerTrainConf
     e.device, e.progress, e.epochs = "cpu", False, 10_000  # the step budget ends the run
     e.optim.lr, e.optim.weight_decay = args.lr, args.weight_decay
     e.schedule.name = "cosine"
-    e.ema_decay = args.ema_decay or None
     e.checkpoint_every_steps = 10_000  # one checkpoint per epoch is enough here
+    cfg.engine = replace(e, ema_decay=args.ema_decay or None)  # replace: the config's own checks run
     return cfg
 
 

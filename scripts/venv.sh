@@ -11,12 +11,17 @@ want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 # disk would otherwise stop pip half-way with "[Errno 28] No space left on device" and a torn venv.
 need_gb="${FACEOPS_VENV_MIN_FREE_GB:-8}"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-  for dir in . "${TMPDIR:-/tmp}"; do
-    free_gb=$(( $(df -Pk "$dir" | awk 'NR==2 {print $4}') / 1048576 ))
+  tmp="${TMPDIR:-/tmp}"
+  [ -d "$tmp" ] || tmp=/tmp  # as Python's tempfile (and so pip) falls back
+  for dir in . "$tmp"; do
+    if ! free_gb=$("$PY" -c 'import shutil, sys; print(shutil.disk_usage(sys.argv[1]).free >> 30)' "$dir"); then
+      echo "[faceops] cannot read the free space of $dir" >&2
+      exit 1
+    fi
     if [ "$free_gb" -lt "$need_gb" ]; then
       echo "[faceops] $(cd "$dir" && pwd) has ${free_gb} GB free; installing the locked venv needs about" \
-           "${need_gb} GB there: free some space (old clones, .venv copies, /tmp/pytest-of-$(id -un))" \
-           "or point TMPDIR at a larger disk" >&2
+           "${need_gb} GB there: free some space (old clones, .venv copies, /tmp/pytest-of-$(id -un))," \
+           "point TMPDIR at a larger disk, or set FACEOPS_VENV_MIN_FREE_GB if you know it needs less" >&2
       exit 1
     fi
   done
@@ -28,7 +33,7 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   rm -f "$stamp"
   echo "[faceops] installing the locked dependencies into .venv (torch first: about 3 minutes on a fresh machine)"
-  pip=(.venv/bin/python -m pip --disable-pip-version-check)
+  pip=(.venv/bin/python -m pip --disable-pip-version-check --no-cache-dir)  # no GB-sized wheel cache
   quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }  # this machine's pip.conf
   # --no-deps: the lock is the whole environment; a package missing from it fails the check below.
   quiet "${pip[@]}" install -q --no-deps -r constraints.txt

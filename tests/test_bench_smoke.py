@@ -109,7 +109,7 @@ def test_budget_planner_replans_steps_and_schedule(tmp_path):
 
 
 def test_accuracy_config_and_curve():
-    cfg = acc_bench.ingest_config(crop=128, min_images=8, held_out=0.1)
+    cfg = acc_bench.ingest_config(crop=128, min_images=8, held_out=0.1, val_share=0.5)
     assert cfg.splits.val == pytest.approx(0.05) and cfg.splits.test == pytest.approx(0.05)
     assert cfg.prepare.center_crop == 128
     history = [{"seconds": 60.0, "val_accuracy": 0.6}, {"seconds": 30.0, "val_accuracy": 0.7}]
@@ -152,6 +152,16 @@ def test_vlr_goals_need_two_points_over_the_control_outside_two_standard_errors(
     inside = vlr_bench.goals(_per_size({**acc, "dsr_finetuned": (0.805, 0.01)}))
     assert not inside["goal_beats_control_by_2_points"] and not inside["dsr_ft_minus_control_measurable"]
     assert "no measurable difference" in inside["sentence"]
+    # 1.5 ± 0.5 points over the control: measurable, but under the 2 points the goal asks for
+    tight = {k: (v, 0.0035) for k, (v, _) in acc.items()}
+    small = vlr_bench.goals(_per_size({**tight, "dsr_finetuned": (0.795, 0.0035)}))
+    assert small["dsr_ft_minus_control_measurable"] and not small["goal_beats_control_by_2_points"]
+    # a loss inside two standard errors: no fraction of it, and the recovery goal is not met
+    noise = vlr_bench.goals(_per_size({**acc, "bicubic": (0.85, 0.01), "dsr_finetuned": (0.86, 0.01)}))
+    assert noise["recovered_fraction_of_bicubic_loss"] is None and not noise["goal_recovers_half"]
+    # a measurable loss of 12 points with 4 recovered: under half
+    under = vlr_bench.goals(_per_size({**acc, "dsr_finetuned": (0.78, 0.01)}))
+    assert under["recovered_fraction_of_bicubic_loss"] == pytest.approx(1 / 3) and not under["goal_recovers_half"]
 
 
 @pytest.mark.slow
@@ -179,7 +189,8 @@ def test_vlr_bench_writes_every_row_with_its_standard_error_and_the_goals(tmp_pa
     assert (tmp_path / "art" / "bicubic_finetuned_14x16.pt").is_file()
 
 
-def test_vlr_bench_refuses_a_recognizer_without_its_ingest_config(tmp_path):
+def test_vlr_bench_refuses_a_recognizer_without_its_ingest_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACEOPS_DATA", str(tmp_path))  # were the check gone: no real ingest
     ckpt = tmp_path / "recognizer.pt"
     ckpt.write_bytes(b"")
     with pytest.raises(SystemExit, match="ingest_config.yaml beside it"):

@@ -209,3 +209,12 @@ def test_whole_document_overrides_name_the_file_when_it_is_wrong(tmp_path):
     with pytest.raises(config.ConfigError, match=rf"^{f}, section 'recognizer': 'engine.epochs' = 'ten'"):
         config.read_document(f, ["recognizer.label_smoothing=0.2"])
     assert config.read_document(f, ["recognizer.engine.epochs=3"])["recognizer"]["engine"]["epochs"] == 3
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.0, -0.5])
+def test_ema_decay_outside_zero_one_is_refused(decay):
+    """A decay of 1 never moves the average off its initial weights; 0 or below is no average."""
+    from faceops.train.config import EngineConfig
+
+    with pytest.raises(config.ConfigError, match=f"engine.ema_decay must be in \\(0, 1\\) or null, got {decay}"):
+        EngineConfig(ema_decay=decay)

@@ -73,14 +73,23 @@ def test_venv_script_installs_exactly_the_lock_and_fails_loudly():
         'cat "$stamp" 2>/dev/null || true', ""), "an install step swallows its exit code"
 
 
-def test_venv_script_refuses_a_full_disk_before_touching_the_venv(tmp_path):
+@pytest.mark.parametrize("case", ["full disk", "unreadable free space"])
+def test_venv_script_refuses_a_full_disk_before_touching_the_venv(tmp_path, case):
     """CI once died half-way through pip with "[Errno 28] No space left on device": the script must
-    say where space is short and how much it needs, and leave no torn .venv behind."""
+    say where space is short and how much it needs, and leave no torn .venv behind; a free space it
+    cannot read (here: no Python to ask) stops it too instead of skipping the check."""
     (tmp_path / "scripts").mkdir()
-    for name in ("scripts/venv.sh", "pyproject.toml", "constraints.txt"):
+    for name in ("scripts/venv.sh", "pyproject.toml"):
         (tmp_path / name).write_bytes((REPO / name).read_bytes())
-    run = subprocess.run(["bash", "scripts/venv.sh"], cwd=tmp_path, capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", "FACEOPS_VENV_MIN_FREE_GB": "1000000", "TMPDIR": str(tmp_path)})
+    (tmp_path / "constraints.txt").write_text("no-such-package-faceops==0\n")  # a broken check fails fast
+    env = {"PATH": "/usr/bin:/bin", "FACEOPS_VENV_MIN_FREE_GB": "1000000", "TMPDIR": str(tmp_path / "missing")}
+    if case == "unreadable free space":
+        env |= {"PYTHON": "/bin/false", "FACEOPS_VENV_MIN_FREE_GB": "0"}
+    run = subprocess.run(["bash", "scripts/venv.sh"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert run.returncode == 1, run.stderr
-    assert f"{tmp_path} has " in run.stderr and "needs about 1000000 GB" in run.stderr, run.stderr
+    if case == "full disk":
+        assert f"{tmp_path} has " in run.stderr and "needs about 1000000 GB" in run.stderr, run.stderr
+        assert "FACEOPS_VENV_MIN_FREE_GB" in run.stderr
+    else:
+        assert "cannot read the free space of ." in run.stderr, run.stderr
     assert not (tmp_path / ".venv").exists()

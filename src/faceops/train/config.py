@@ -102,4 +102,6 @@ class EngineConfig:
         check(self.checkpoint_every_steps >= 1, "engine.checkpoint_every_steps must be >= 1")
         check(self.keep_checkpoints >= 1, "engine.keep_checkpoints must be >= 1")
         check(self.log_every_steps >= 1, "engine.log_every_steps must be >= 1")
+        check(self.ema_decay is None or 0 < self.ema_decay < 1,
+              f"engine.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         check(self.ema_warmup_power > 0, "engine.ema_warmup_power must be > 0")
