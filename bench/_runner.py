@@ -17,9 +17,20 @@ from typing import Any
 
 from .report import flatten, format_value
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "bench" / "results"
 VERSIONED_PACKAGES = ("torch", "faceops", "onnxruntime")
 RESULT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def data_root() -> Path:
+    """The real face data (``FACEOPS_DATA``, default ``../shared/data`` beside the repository)."""
+    return Path(os.environ.get("FACEOPS_DATA") or REPO.parent / "shared" / "data")
+
+
+def shown(path: Path) -> str:
+    """A path as a result file records it: relative to the repository when inside it."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def save_result(name: str, figures: dict[str, Any], notes: str = "", results_dir: Path | None = None) -> Path:

@@ -62,15 +62,11 @@ from faceops.train.hooks import Hook
 from faceops.train.recognizer import RecognizerTask, RecognizerTrainConfig
 from faceops.train.task import FitResult
 
-from ._runner import save_result
+from ._runner import data_root, save_result, shown
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "bench" / "artifacts" / "accuracy"
 HR_SIZE = 112
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("FACEOPS_DATA") or REPO.parent / "shared" / "data")
 
 
 def ingest_config(crop: int, min_images: int | None, held_out: float, rule: str = "all",
@@ -144,10 +140,6 @@ def curve(history: list[dict]) -> list[list[float]]:
             for m, h in zip(minutes, history, strict=True)]
 
 
-def _shown(path: Path) -> str:
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
 def publish(checkpoint: str, icfg: IngestConfig, cfg: RecognizerTrainConfig, val_images: np.ndarray,
             artifacts: Path = ARTIFACTS) -> dict:
     """recognizer.pt + model.onnx (parity-checked) + the configs, in ``artifacts``."""
@@ -160,7 +152,7 @@ def publish(checkpoint: str, icfg: IngestConfig, cfg: RecognizerTrainConfig, val
     onnx_path = export_onnx(model, artifacts / "model.onnx", torch.zeros(1, 3, HR_SIZE, HR_SIZE), "recognizer",
                             ExportConfig())
     parity = check_parity("recognizer", onnx_path, model, to_input(val_images[:8]), ExportConfig())
-    return {"checkpoint": _shown(pt), "onnx": _shown(onnx_path), "onnx_parity_max_abs": parity.max_abs}
+    return {"checkpoint": shown(pt), "onnx": shown(onnx_path), "onnx_parity_max_abs": parity.max_abs}
 
 
 def headline(metrics: dict) -> dict:

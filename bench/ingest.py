@@ -40,7 +40,7 @@ from faceops.data.prepare import PrepareConfig
 from faceops.data.reader import BatchDataset, LoaderConfig, SplitData, load_split
 from faceops.train.recognizer import RecognizerTrainConfig
 
-from ._runner import save_result
+from ._runner import data_root, save_result
 
 REPO = Path(__file__).resolve().parents[1]
 HR_SIZE = 112
@@ -49,10 +49,6 @@ LFW_JPEG_QUALITY = 90
 SYNTH_IMAGES_PER_IDENTITY = 10  # within the default training-class rule (8-150 images a person)
 TARGET_PER_CORE = 2000.0
 TARGET_RATIO = 3.0
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("FACEOPS_DATA") or REPO.parent / "shared" / "data")
 
 
 def usable_cores() -> int:

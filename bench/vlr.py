@@ -41,6 +41,7 @@ import yaml
 
 from faceops import config
 from faceops.config import to_dict
+from faceops.data.degrade import parse_size
 from faceops.data.ingest import IngestConfig, ingest
 from faceops.data.manifest import load_manifest
 from faceops.data.prepare import PrepareConfig
@@ -53,15 +54,11 @@ from faceops.train.dsr import dsr_recipe, train_dsr
 from faceops.train.finetune import finetune_edgeface, finetune_recipe
 from faceops.train.recognizer import RecognizerTrainConfig, train_recognizer
 
-from ._runner import save_result
+from ._runner import data_root, save_result, shown
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "bench" / "artifacts" / "vlr"
 SIZES = ("32x32", "14x16")
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("FACEOPS_DATA") or REPO.parent / "shared" / "data")
 
 
 def seconds_per_step(train: Callable, cfg, name: str, work: Path, probe_steps: int = 8) -> float:
@@ -79,17 +76,8 @@ def steps_for(budget_min: float, step_s: float) -> int:
     return max(5, int(budget_min * 60 * 0.8 / step_s))
 
 
-def _vlr(size: str, batch: int) -> torch.Tensor:
-    w, h = (int(v) for v in size.split("x"))
-    return torch.rand(batch, 3, h, w) * 2 - 1
-
-
 def train_images(data: str) -> int:
     return sum(im["split"] == "train" for im in load_manifest(data)["images"])
-
-
-def _shown(path: Path) -> str:
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def publish(src: str, name: str, cfg: object, kind: str, artifacts: Path = ARTIFACTS) -> dict:
@@ -99,14 +87,15 @@ def publish(src: str, name: str, cfg: object, kind: str, artifacts: Path = ARTIF
     shutil.copyfile(src, dst)
     (artifacts / f"{name}.yaml").write_text(yaml.safe_dump(cfg if isinstance(cfg, dict) else to_dict(cfg),
                                                           sort_keys=False))
-    out = {"checkpoint": _shown(dst)}
+    out = {"checkpoint": shown(dst)}
     try:
         from faceops.export import ExportConfig, export_onnx
 
         model, meta = load_model(str(dst))
-        example = _vlr(meta["vlr_size"], 1) if kind == "dsr" else torch.rand(1, 3, 112, 112) * 2 - 1
+        w, h = parse_size(meta["vlr_size"]) if kind == "dsr" else (112, 112)
+        example = torch.rand(1, 3, h, w) * 2 - 1
         export_onnx(model, artifacts / f"{name}.onnx", example, kind, ExportConfig())
-        out["onnx"] = _shown(artifacts / f"{name}.onnx")
+        out["onnx"] = shown(artifacts / f"{name}.onnx")
     except ImportError as exc:  # export is optional for the benchmark's figures
         out["onnx"] = f"skipped: {exc}"
     return out
@@ -122,7 +111,7 @@ def table_row(block: dict) -> dict:
     return row
 
 
-def goals(per_size: dict) -> dict:
+def goals(per_size: dict, size: str = "this size") -> dict:
     """The issue's two goals at one size, each difference in points with its standard error. Both are
     judged as the report judges a difference: only one of at least two standard errors counts, and
     a fraction of a loss that is itself inside two standard errors is not reported (``None``)."""
@@ -137,7 +126,7 @@ def goals(per_size: dict) -> dict:
            "recovered_fraction_of_bicubic_loss": recovered.value / loss.value if lost else None,
            "goal_beats_control_by_2_points": beyond.value >= 0.02 and beyond.measurable,
            "goal_recovers_half": lost and recovered.measurable and recovered.value >= loss.value / 2,
-           "sentence": sentence("", acc).replace("At , ", "")}
+           "sentence": sentence(size, acc)}
     return out
 
 
@@ -238,8 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
                            finetuned_bicubic=tuned["bicubic_finetuned"], vlr=[size])
         per_size = metrics["vlr"][size]
         table[size] = {k: table_row(per_size[k]) for k in SETTINGS}
-        reached[size] = goals(per_size)
-        print(f"[bench.vlr] {size}: {reached[size]['sentence']}", flush=True)
+        reached[size] = goals(per_size, size)
+        print(f"[bench.vlr] {reached[size]['sentence']}", flush=True)
 
     figures = {"table": table, "goals": reached, "train_seconds": timings, "minutes_per_stage": budget,
                "total_minutes": (time.time() - t_start) / 60,

@@ -25,12 +25,10 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
       exit 1
     fi
   done
-fi
-if [ ! -x .venv/bin/python ]; then
-  echo "[faceops] creating .venv"
-  "$PY" -m venv .venv
-fi
-if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  if [ ! -x .venv/bin/python ]; then
+    echo "[faceops] creating .venv"
+    "$PY" -m venv .venv
+  fi
   rm -f "$stamp"
   echo "[faceops] installing the locked dependencies into .venv (torch first: about 3 minutes on a fresh machine)"
   pip=(.venv/bin/python -m pip --disable-pip-version-check --no-cache-dir)  # no GB-sized wheel cache
